@@ -1,0 +1,171 @@
+//! What people read: the per-mutation status table of a batch and its counts. Pure formatting.
+
+use chrono::{DateTime, Utc};
+use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
+
+use crate::db::JobRow;
+use crate::http::excerpt;
+
+/// How many jobs of a batch are in each state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub queued: usize,
+    pub running: usize,
+    pub retrying: usize,
+    pub succeeded: usize,
+    pub failed: usize,
+    pub dead: usize,
+}
+
+impl Counts {
+    pub fn of(rows: &[JobRow]) -> Self {
+        let mut counts = Counts::default();
+        for row in rows {
+            match row.state.as_str() {
+                "queued" => counts.queued += 1,
+                "running" => counts.running += 1,
+                "retrying" => counts.retrying += 1,
+                "succeeded" => counts.succeeded += 1,
+                "failed" => counts.failed += 1,
+                _ => counts.dead += 1,
+            }
+        }
+        counts
+    }
+
+    pub fn total(&self) -> usize {
+        self.queued + self.running + self.retrying + self.succeeded + self.failed + self.dead
+    }
+
+    pub fn finished(&self) -> usize {
+        self.succeeded + self.failed + self.dead
+    }
+
+    pub fn all_succeeded(&self) -> bool {
+        self.total() > 0 && self.succeeded == self.total()
+    }
+
+    /// `3 jobs: 2 succeeded, 1 failed`.
+    pub fn line(&self) -> String {
+        let parts: Vec<String> = [
+            (self.succeeded, "succeeded"),
+            (self.failed, "failed"),
+            (self.dead, "dead"),
+            (self.running, "running"),
+            (self.retrying, "waiting to retry"),
+            (self.queued, "queued"),
+        ]
+        .iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, what)| format!("{n} {what}"))
+        .collect();
+        let total = self.total();
+        format!(
+            "{total} job{}: {}",
+            if total == 1 { "" } else { "s" },
+            parts.join(", ")
+        )
+    }
+}
+
+/// `1.234 s` or `2 min 5 s`.
+pub fn format_elapsed(start: Option<DateTime<Utc>>, end: Option<DateTime<Utc>>) -> String {
+    match (start, end) {
+        (Some(start), Some(end)) => {
+            let ms = (end - start).num_milliseconds().max(0);
+            if ms < 60_000 {
+                format!("{:.2} s", ms as f64 / 1_000.0)
+            } else {
+                format!("{} min {} s", ms / 60_000, (ms % 60_000) / 1_000)
+            }
+        }
+        _ => "–".to_owned(),
+    }
+}
+
+/// The per-mutation table: mutation, trials found, state, attempts, time, last error.
+pub fn status_table(rows: &[JobRow]) -> String {
+    let mut table = Table::new();
+    table
+        .load_preset(UTF8_FULL_CONDENSED)
+        .set_content_arrangement(ContentArrangement::Dynamic)
+        .set_header([
+            "mutation",
+            "trials",
+            "state",
+            "attempts",
+            "time",
+            "last error",
+        ]);
+    for row in rows {
+        let trials = match (row.trials_found, row.total_count) {
+            (Some(found), Some(total)) if total > found => format!("{found} of {total}"),
+            (Some(found), _) => found.to_string(),
+            (None, _) => "–".to_owned(),
+        };
+        table.add_row([
+            row.mutation.clone(),
+            trials,
+            row.state.clone(),
+            format!("{}/{}", row.attempts, row.max_attempts),
+            format_elapsed(row.started_at, row.finished_at),
+            row.last_error
+                .as_deref()
+                .map(|e| excerpt(e, 120))
+                .unwrap_or_default(),
+        ]);
+    }
+    table.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(mutation: &str, state: &str) -> JobRow {
+        let t = Utc::now();
+        JobRow {
+            id: "j".into(),
+            batch_id: "b".into(),
+            position: 0,
+            mutation: mutation.into(),
+            state: state.into(),
+            attempts: 1,
+            max_attempts: 5,
+            last_error: (state == "failed").then(|| "clinicaltrials.gov: HTTP 400".into()),
+            trials_found: (state == "succeeded").then_some(12),
+            total_count: Some(40),
+            created_at: t,
+            started_at: Some(t),
+            finished_at: Some(t + chrono::Duration::milliseconds(1_500)),
+            next_attempt_at: None,
+        }
+    }
+
+    #[test]
+    fn counts_and_their_line() {
+        let rows = [
+            row("A", "succeeded"),
+            row("B", "failed"),
+            row("C", "succeeded"),
+        ];
+        let counts = Counts::of(&rows);
+        assert_eq!((counts.succeeded, counts.failed, counts.total()), (2, 1, 3));
+        assert!(!counts.all_succeeded());
+        assert_eq!(counts.line(), "3 jobs: 2 succeeded, 1 failed");
+        assert!(
+            !Counts::default().all_succeeded(),
+            "an empty batch is not a success"
+        );
+    }
+
+    #[test]
+    fn table_shows_each_mutation() {
+        let table = status_table(&[row("BRAF V600E", "succeeded"), row("KRAS G12C", "failed")]);
+        assert!(
+            table.contains("BRAF V600E") && table.contains("12 of 40") && table.contains("1.50 s"),
+            "{table}"
+        );
+        assert!(table.contains("HTTP 400"), "{table}");
+    }
+}
