@@ -132,6 +132,12 @@ impl App {
         })
     }
 
+    /// Uses `summarizer` instead of the configured one (tests, embedding).
+    pub fn with_summarizer(mut self, summarizer: Arc<dyn Summarizer>) -> Self {
+        self.flow.summarize.summarizer = summarizer;
+        self
+    }
+
     /// Runs one delivery to its end. Only database errors escape; they leave the delivery to apalis,
     /// which hands it out again.
     pub async fn process(&self, task: &MutationTask) -> Result<RunOutcome, DbError> {

@@ -1,0 +1,506 @@
+//! The whole flow on SQLite: enqueue → queue → worker → fake ClinicalTrials.gov → summary → stored,
+//! driven by draining the queue (no sleeps), and the failure paths that must end in a known state.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use futures::future::BoxFuture;
+use trialmatch::db::{NewBatch, Store};
+use trialmatch::flow::NodeError;
+use trialmatch::queue::{MutationTask, QueueConnection};
+use trialmatch::summarize::{Summarizer, Summary, SummaryInput};
+use trialmatch::worker::{self, App, RunOutcome};
+use wiremock::{Mock, MockServer, ResponseTemplate, matchers};
+
+fn batch(mutations: &[&str]) -> NewBatch {
+    NewBatch {
+        name: None,
+        mutations: mutations.iter().map(|s| s.to_string()).collect(),
+        max_attempts: 3,
+    }
+}
+
+/// Works until no job is left, failing the test if that takes unreasonably long.
+async fn drain(app: Arc<App>) {
+    let stop = worker::until_drained(app.store.clone(), None, Duration::from_millis(20));
+    tokio::time::timeout(Duration::from_secs(30), worker::run_worker(app, stop))
+        .await
+        .expect("the queue drains")
+        .expect("the worker runs");
+}
+
+#[tokio::test]
+async fn enqueued_mutations_end_with_stored_trials_and_summaries() {
+    let fake = FakeStudies::new(3).with_count("KRAS G12C", 0);
+    let server = fake_ctgov(fake.clone()).await;
+    let db = sqlite_db();
+    let store = connect(&db).await;
+    let config = test_config(&db.url, &server.uri());
+    let enqueued = store
+        .enqueue_batch(&batch(&["BRAF V600E", "EGFR L858R", "KRAS G12C"]))
+        .await
+        .unwrap();
+    assert_eq!(enqueued.job_count, 3);
+
+    drain(Arc::new(App::new(&config, store.clone()).unwrap())).await;
+
+    let rows = store.batch_jobs(&enqueued.batch_id).await.unwrap();
+    assert!(
+        rows.iter()
+            .all(|r| r.state == "succeeded" && r.attempts == 1),
+        "{rows:?}"
+    );
+    assert_eq!(
+        rows.iter()
+            .map(|r| r.trials_found.unwrap())
+            .collect::<Vec<_>>(),
+        [3, 3, 0]
+    );
+
+    let braf = store
+        .latest_summary("braf v600e")
+        .await
+        .unwrap()
+        .expect("summary stored");
+    assert_eq!(braf.summarizer, "offline");
+    assert!(
+        braf.body.starts_with("# Clinical trials for BRAF V600E"),
+        "{}",
+        braf.body
+    );
+    for study in studies_for("BRAF V600E", 3) {
+        let id = study["protocolSection"]["identificationModule"]["nctId"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            braf.body
+                .contains(&format!("(https://clinicaltrials.gov/study/{id})")),
+            "{id} in {}",
+            braf.body
+        );
+    }
+    let kras = store.latest_summary("KRAS G12C").await.unwrap().unwrap();
+    assert!(kras.body.contains("No trials found"), "{}", kras.body);
+
+    assert_eq!(
+        scalar_i64(&store, "SELECT COUNT(*) FROM tm_trials").await,
+        6
+    );
+    assert_eq!(
+        scalar_i64(&store, "SELECT COUNT(*) FROM tm_job_trials").await,
+        6
+    );
+    assert_eq!(
+        scalar_i64(
+            &store,
+            "SELECT COUNT(*) FROM tm_ctgov_pages WHERE http_status = 200"
+        )
+        .await,
+        3
+    );
+    assert_eq!(
+        scalar_i64(&store, "SELECT COUNT(*) FROM tm_summaries").await,
+        3
+    );
+    assert_eq!(
+        scalar_i64(
+            &store,
+            "SELECT COUNT(*) FROM tm_node_metrics WHERE outcome = 'ok'"
+        )
+        .await,
+        6,
+        "two nodes per job"
+    );
+    assert_eq!(
+        scalar_i64(&store, "SELECT COUNT(*) FROM Jobs").await,
+        0,
+        "finished queue rows are swept"
+    );
+    assert_eq!(fake.requests.load(std::sync::atomic::Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn pages_are_followed_until_max_trials() {
+    let fake = FakeStudies::new(0)
+        .with_count("BRAF V600E", 23)
+        .with_count("EGFR L858R", 7);
+    let server = fake_ctgov(fake.clone()).await;
+    let db = sqlite_db();
+    let store = connect(&db).await;
+    let mut config = test_config(&db.url, &server.uri());
+    config.ctgov.page_size = 5;
+    config.ctgov.max_trials = 12;
+    let enqueued = store
+        .enqueue_batch(&batch(&["BRAF V600E", "EGFR L858R"]))
+        .await
+        .unwrap();
+    drain(Arc::new(App::new(&config, store.clone()).unwrap())).await;
+
+    let rows = store.batch_jobs(&enqueued.batch_id).await.unwrap();
+    assert_eq!(rows[0].trials_found, Some(12), "cut at max_trials");
+    assert_eq!(
+        rows[0].total_count,
+        Some(23),
+        "totalCount of the first page kept"
+    );
+    assert_eq!(
+        rows[1].trials_found,
+        Some(7),
+        "stops at the last page (no nextPageToken)"
+    );
+    // 12 of 23 need pages 1-3; 7 need pages 1-2.
+    assert_eq!(fake.requests.load(std::sync::atomic::Ordering::SeqCst), 5);
+    let ranks = scalar_i64(&store, "SELECT MAX(rank) FROM tm_job_trials").await;
+    assert_eq!(ranks, 12);
+}
+
+#[tokio::test]
+async fn a_malformed_body_fails_the_job_at_once_with_the_reason_stored() {
+    let server = MockServer::start().await;
+    Mock::given(matchers::path("/api/v2/studies"))
+        .respond_with(ResponseTemplate::new(200).set_body_string("<html>maintenance</html>"))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let db = sqlite_db();
+    let store = connect(&db).await;
+    let config = test_config(&db.url, &server.uri());
+    let enqueued = store.enqueue_batch(&batch(&["BRAF V600E"])).await.unwrap();
+    drain(Arc::new(App::new(&config, store.clone()).unwrap())).await;
+
+    let row = &store.batch_jobs(&enqueued.batch_id).await.unwrap()[0];
+    assert_eq!((row.state.as_str(), row.attempts), ("failed", 1));
+    let error = row.last_error.as_deref().unwrap();
+    assert!(
+        error.contains("unexpected response body") && error.contains("<html>maintenance"),
+        "{error}"
+    );
+    assert_eq!(
+        scalar_i64(&store, "SELECT COUNT(*) FROM tm_ctgov_pages").await,
+        1,
+        "the bad page is kept for replay"
+    );
+    assert_eq!(
+        scalar_i64(
+            &store,
+            "SELECT COUNT(*) FROM tm_job_errors WHERE kind = 'permanent'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        scalar_i64(&store, "SELECT COUNT(*) FROM tm_summaries").await,
+        0,
+        "no partial result"
+    );
+}
+
+#[tokio::test]
+async fn a_transient_server_error_is_retried_within_the_run() {
+    let server = MockServer::start().await;
+    Mock::given(matchers::path("/api/v2/studies"))
+        .respond_with(ResponseTemplate::new(500).set_body_string("oops"))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    Mock::given(matchers::path("/api/v2/studies"))
+        .respond_with(FakeStudies::new(2))
+        .mount(&server)
+        .await;
+    let db = sqlite_db();
+    let store = connect(&db).await;
+    let config = test_config(&db.url, &server.uri());
+    let enqueued = store.enqueue_batch(&batch(&["BRAF V600E"])).await.unwrap();
+    drain(Arc::new(App::new(&config, store.clone()).unwrap())).await;
+
+    let row = &store.batch_jobs(&enqueued.batch_id).await.unwrap()[0];
+    assert_eq!(
+        (row.state.as_str(), row.attempts, row.trials_found),
+        ("succeeded", 1, Some(2))
+    );
+    let outcomes = scalar_i64(
+        &store,
+        "SELECT COUNT(*) FROM tm_node_metrics WHERE node = 'query_trials'",
+    )
+    .await;
+    assert_eq!(outcomes, 2, "both request attempts recorded");
+    assert_eq!(
+        scalar_i64(
+            &store,
+            "SELECT COUNT(*) FROM tm_ctgov_pages WHERE http_status = 500"
+        )
+        .await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn an_upstream_that_never_recovers_makes_the_job_dead_after_its_attempts() {
+    let server = MockServer::start().await;
+    Mock::given(matchers::path("/api/v2/studies"))
+        .respond_with(ResponseTemplate::new(503).set_body_string("unavailable"))
+        .mount(&server)
+        .await;
+    let db = sqlite_db();
+    let store = connect(&db).await;
+    let mut config = test_config(&db.url, &server.uri());
+    config.ctgov.max_request_attempts = 2;
+    let enqueued = store.enqueue_batch(&batch(&["BRAF V600E"])).await.unwrap();
+    drain(Arc::new(App::new(&config, store.clone()).unwrap())).await;
+
+    let row = &store.batch_jobs(&enqueued.batch_id).await.unwrap()[0];
+    assert_eq!((row.state.as_str(), row.attempts), ("dead", 3), "{row:?}");
+    assert!(
+        row.last_error.as_deref().unwrap().contains("HTTP 503"),
+        "{row:?}"
+    );
+    assert_eq!(
+        scalar_i64(&store, "SELECT COUNT(*) FROM tm_job_errors").await,
+        3,
+        "every failed attempt kept"
+    );
+    assert_eq!(
+        server.received_requests().await.unwrap().len(),
+        6,
+        "2 requests in each of 3 runs, then no more"
+    );
+}
+
+#[tokio::test]
+async fn a_bad_request_is_not_retried() {
+    let server = MockServer::start().await;
+    Mock::given(matchers::path("/api/v2/studies"))
+        .respond_with(ResponseTemplate::new(400).set_body_string("invalid value for query.term"))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let db = sqlite_db();
+    let store = connect(&db).await;
+    let config = test_config(&db.url, &server.uri());
+    let enqueued = store.enqueue_batch(&batch(&["BRAF V600E"])).await.unwrap();
+    drain(Arc::new(App::new(&config, store.clone()).unwrap())).await;
+    let row = &store.batch_jobs(&enqueued.batch_id).await.unwrap()[0];
+    assert_eq!(row.state, "failed");
+    assert!(
+        row.last_error.as_deref().unwrap().contains("HTTP 400"),
+        "{row:?}"
+    );
+}
+
+struct PanickingSummarizer;
+
+impl Summarizer for PanickingSummarizer {
+    fn name(&self) -> &'static str {
+        "panicking"
+    }
+    fn summarize<'a>(
+        &'a self,
+        _input: SummaryInput<'a>,
+    ) -> BoxFuture<'a, Result<Summary, NodeError>> {
+        Box::pin(async { panic!("summarizer bug") })
+    }
+}
+
+#[tokio::test]
+async fn a_panicking_run_is_retried_and_ends_dead_never_stuck_running() {
+    let server = fake_ctgov(FakeStudies::new(2)).await;
+    let db = sqlite_db();
+    let store = connect(&db).await;
+    let config = test_config(&db.url, &server.uri());
+    let enqueued = store.enqueue_batch(&batch(&["BRAF V600E"])).await.unwrap();
+    let app = App::new(&config, store.clone())
+        .unwrap()
+        .with_summarizer(Arc::new(PanickingSummarizer));
+    drain(Arc::new(app)).await;
+    let row = &store.batch_jobs(&enqueued.batch_id).await.unwrap()[0];
+    assert_eq!((row.state.as_str(), row.attempts), ("dead", 3), "{row:?}");
+    assert!(
+        row.last_error
+            .as_deref()
+            .unwrap()
+            .contains("panicked: summarizer bug"),
+        "{row:?}"
+    );
+}
+
+#[tokio::test]
+async fn outdated_and_repeated_deliveries_do_no_work() {
+    let server = fake_ctgov(FakeStudies::new(1)).await;
+    let db = sqlite_db();
+    let store = connect(&db).await;
+    let config = test_config(&db.url, &server.uri());
+    let enqueued = store.enqueue_batch(&batch(&["BRAF V600E"])).await.unwrap();
+    let job_id = store.batch_jobs(&enqueued.batch_id).await.unwrap()[0]
+        .id
+        .clone();
+    let app = App::new(&config, store.clone()).unwrap();
+
+    let outdated = MutationTask {
+        job_id: job_id.clone(),
+        delivery: 0,
+    };
+    assert_eq!(app.process(&outdated).await.unwrap(), RunOutcome::Skipped);
+    let current = MutationTask {
+        job_id: job_id.clone(),
+        delivery: 1,
+    };
+    assert_eq!(app.process(&current).await.unwrap(), RunOutcome::Succeeded);
+    assert_eq!(
+        app.process(&current).await.unwrap(),
+        RunOutcome::Skipped,
+        "a finished job is not run again"
+    );
+    assert_eq!(
+        scalar_i64(&store, "SELECT COUNT(*) FROM tm_summaries").await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_job_whose_worker_died_mid_run_is_run_again() {
+    let server = fake_ctgov(FakeStudies::new(1)).await;
+    let db = sqlite_db();
+    let store = connect(&db).await;
+    let config = test_config(&db.url, &server.uri());
+    let enqueued = store.enqueue_batch(&batch(&["BRAF V600E"])).await.unwrap();
+    let job_id = store.batch_jobs(&enqueued.batch_id).await.unwrap()[0]
+        .id
+        .clone();
+    let task = MutationTask {
+        job_id: job_id.clone(),
+        delivery: 1,
+    };
+    // A worker claims the job and dies before recording anything.
+    let dead = App::new(&config, store.clone()).unwrap();
+    assert!(matches!(
+        store.claim(&task, &dead.worker_name).await.unwrap(),
+        trialmatch::db::Claim::Run { attempt: 1, .. }
+    ));
+    // apalis hands the same delivery out again once the dead worker's heartbeat is missed.
+    let app = App::new(&config, store.clone()).unwrap();
+    assert_eq!(app.process(&task).await.unwrap(), RunOutcome::Succeeded);
+    let row = &store.batch_jobs(&enqueued.batch_id).await.unwrap()[0];
+    assert_eq!((row.state.as_str(), row.attempts), ("succeeded", 2));
+}
+
+#[tokio::test]
+async fn a_batch_is_enqueued_whole_or_not_at_all() {
+    let db = sqlite_db();
+    let store = connect(&db).await;
+    let Store::Sqlite(pool) = &store else {
+        unreachable!()
+    };
+    // Make the third job insert fail inside the enqueue transaction.
+    sqlx::query(
+        "CREATE TRIGGER fail_third BEFORE INSERT ON tm_jobs WHEN NEW.position = 2
+         BEGIN SELECT RAISE(ABORT, 'injected failure'); END",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    let err = store
+        .enqueue_batch(&batch(&["A1B", "C2D", "E3F", "G4H"]))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("injected failure"), "{err}");
+    for table in [
+        "SELECT COUNT(*) FROM tm_batches",
+        "SELECT COUNT(*) FROM tm_jobs",
+        "SELECT COUNT(*) FROM Jobs",
+    ] {
+        assert_eq!(scalar_i64(&store, table).await, 0, "{table}");
+    }
+}
+
+#[tokio::test]
+async fn a_named_batch_is_enqueued_once() {
+    let db = sqlite_db();
+    let store = connect(&db).await;
+    let mut named = batch(&["BRAF V600E", "KRAS G12C"]);
+    named.name = Some("nightly-2026-12-04".into());
+    let first = store.enqueue_batch(&named).await.unwrap();
+    let second = store.enqueue_batch(&named).await.unwrap();
+    assert!(!first.already_existed && second.already_existed);
+    assert_eq!(first.batch_id, second.batch_id);
+    assert_eq!(scalar_i64(&store, "SELECT COUNT(*) FROM tm_jobs").await, 2);
+    assert_eq!(scalar_i64(&store, "SELECT COUNT(*) FROM Jobs").await, 2);
+}
+
+/// apalis's SQLite ack query (`queries/task/ack.sql` in apalis-sqlite 1.0), planned here the way
+/// SQLite plans it when a job is acknowledged.
+const APALIS_ACK_QUERY: &str = "EXPLAIN QUERY PLAN
+WITH j AS (SELECT value ->> 'task_id' AS task_id, value ->> 'attempt' AS attempt,
+                  value ->> 'result' AS result, value ->> 'status' AS status FROM json_each(?1))
+UPDATE Jobs SET status = j.status, attempts = j.attempt, last_result = j.result, done_at = strftime('%s', 'now')
+FROM j WHERE Jobs.id = j.task_id AND Jobs.lock_by = ?2";
+
+async fn ack_plan(store: &Store) -> String {
+    let Store::Sqlite(pool) = store else {
+        unreachable!()
+    };
+    let rows: Vec<(i64, i64, i64, String)> = sqlx::query_as(APALIS_ACK_QUERY)
+        .bind("[]")
+        .bind("w")
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    rows.into_iter().map(|r| r.3).collect::<Vec<_>>().join("\n")
+}
+
+/// The history slow-down: with apalis's `LIdx(lock_by)` index SQLite plans the ack on it and scans
+/// every row a worker ever locked, so acks slow down as finished jobs pile up (29 jobs/s at 100k).
+/// Guard both halves of the fix: the index is gone (on every start), and finished rows are swept.
+#[tokio::test]
+async fn history_cannot_slow_the_sqlite_queue_down() {
+    let db = sqlite_db();
+    let store = connect(&db).await;
+    let plan = ack_plan(&store).await;
+    assert!(!plan.contains("LIdx"), "ack planned on LIdx:\n{plan}");
+    assert!(
+        plan.contains("sqlite_autoindex_Jobs") || plan.contains("PRIMARY KEY"),
+        "ack not by primary key:\n{plan}"
+    );
+
+    // A future apalis migration (or an old database) may bring the index back: the next start drops it.
+    let Store::Sqlite(pool) = &store else {
+        unreachable!()
+    };
+    sqlx::query("CREATE INDEX LIdx ON Jobs(lock_by)")
+        .execute(pool)
+        .await
+        .unwrap();
+    assert!(
+        ack_plan(&store).await.contains("LIdx"),
+        "the probe sees the index when it exists"
+    );
+    store.close().await;
+    let store = connect(&db).await;
+    assert!(!ack_plan(&store).await.contains("LIdx"));
+
+    // Finished queue rows are deleted; unfinished ones are kept.
+    let Store::Sqlite(pool) = &store else {
+        unreachable!()
+    };
+    let mut conn = pool.acquire().await.unwrap();
+    for _ in 0..50 {
+        let task = MutationTask {
+            job_id: "x".into(),
+            delivery: 1,
+        };
+        conn.push_delivery(&task, 3, chrono::Utc::now())
+            .await
+            .unwrap();
+    }
+    sqlx::query("UPDATE Jobs SET status = 'Done' WHERE rowid IN (SELECT rowid FROM Jobs LIMIT 40)")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    drop(conn);
+    assert_eq!(store.sweep_queue().await.unwrap(), 40);
+    assert_eq!(scalar_i64(&store, "SELECT COUNT(*) FROM Jobs").await, 10);
+}
