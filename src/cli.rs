@@ -99,6 +99,13 @@ struct UsageError(String);
 
 /// Runs the command line; the exit code says how it went.
 pub fn main(cli: Cli) -> ExitCode {
+    // A `.env` next to the user's work is a common way to keep settings; real variables win.
+    if let Err(e) = dotenvy::dotenv()
+        && !e.not_found()
+    {
+        eprintln!("error: could not read .env: {e}");
+        return ExitCode::from(2);
+    }
     init_tracing(&cli);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -15,6 +15,20 @@ use trialmatch::summarize::{Summarizer, Summary, SummaryInput};
 use trialmatch::worker::{self, App, RunOutcome};
 use wiremock::{Mock, MockServer, ResponseTemplate, matchers};
 
+on_both_backends!(
+    enqueued_mutations_end_with_stored_trials_and_summaries,
+    pages_are_followed_until_max_trials,
+    a_malformed_body_fails_the_job_at_once_with_the_reason_stored,
+    a_transient_server_error_is_retried_within_the_run,
+    an_upstream_that_never_recovers_makes_the_job_dead_after_its_attempts,
+    a_bad_request_is_not_retried,
+    a_panicking_run_is_retried_and_ends_dead_never_stuck_running,
+    outdated_and_repeated_deliveries_do_no_work,
+    a_job_whose_worker_died_mid_run_is_run_again,
+    a_named_batch_is_enqueued_once,
+    a_batch_is_enqueued_whole_or_not_at_all,
+);
+
 fn batch(mutations: &[&str]) -> NewBatch {
     NewBatch {
         name: None,
@@ -32,11 +46,9 @@ async fn drain(app: Arc<App>) {
         .expect("the worker runs");
 }
 
-#[tokio::test]
-async fn enqueued_mutations_end_with_stored_trials_and_summaries() {
+async fn enqueued_mutations_end_with_stored_trials_and_summaries(db: TestDb) {
     let fake = FakeStudies::new(3).with_count("KRAS G12C", 0);
     let server = fake_ctgov(fake.clone()).await;
-    let db = sqlite_db();
     let store = connect(&db).await;
     let config = test_config(&db.url, &server.uri());
     let enqueued = store
@@ -115,21 +127,15 @@ async fn enqueued_mutations_end_with_stored_trials_and_summaries() {
         6,
         "two nodes per job"
     );
-    assert_eq!(
-        scalar_i64(&store, "SELECT COUNT(*) FROM Jobs").await,
-        0,
-        "finished queue rows are swept"
-    );
+    assert_eq!(queue_rows(&store).await, 0, "finished queue rows are swept");
     assert_eq!(fake.requests.load(std::sync::atomic::Ordering::SeqCst), 3);
 }
 
-#[tokio::test]
-async fn pages_are_followed_until_max_trials() {
+async fn pages_are_followed_until_max_trials(db: TestDb) {
     let fake = FakeStudies::new(0)
         .with_count("BRAF V600E", 23)
         .with_count("EGFR L858R", 7);
     let server = fake_ctgov(fake.clone()).await;
-    let db = sqlite_db();
     let store = connect(&db).await;
     let mut config = test_config(&db.url, &server.uri());
     config.ctgov.page_size = 5;
@@ -158,15 +164,13 @@ async fn pages_are_followed_until_max_trials() {
     assert_eq!(ranks, 12);
 }
 
-#[tokio::test]
-async fn a_malformed_body_fails_the_job_at_once_with_the_reason_stored() {
+async fn a_malformed_body_fails_the_job_at_once_with_the_reason_stored(db: TestDb) {
     let server = MockServer::start().await;
     Mock::given(matchers::path("/api/v2/studies"))
         .respond_with(ResponseTemplate::new(200).set_body_string("<html>maintenance</html>"))
         .expect(1)
         .mount(&server)
         .await;
-    let db = sqlite_db();
     let store = connect(&db).await;
     let config = test_config(&db.url, &server.uri());
     let enqueued = store.enqueue_batch(&batch(&["BRAF V600E"])).await.unwrap();
@@ -199,8 +203,7 @@ async fn a_malformed_body_fails_the_job_at_once_with_the_reason_stored() {
     );
 }
 
-#[tokio::test]
-async fn a_transient_server_error_is_retried_within_the_run() {
+async fn a_transient_server_error_is_retried_within_the_run(db: TestDb) {
     let server = MockServer::start().await;
     Mock::given(matchers::path("/api/v2/studies"))
         .respond_with(ResponseTemplate::new(500).set_body_string("oops"))
@@ -212,7 +215,6 @@ async fn a_transient_server_error_is_retried_within_the_run() {
         .respond_with(FakeStudies::new(2))
         .mount(&server)
         .await;
-    let db = sqlite_db();
     let store = connect(&db).await;
     let config = test_config(&db.url, &server.uri());
     let enqueued = store.enqueue_batch(&batch(&["BRAF V600E"])).await.unwrap();
@@ -239,14 +241,12 @@ async fn a_transient_server_error_is_retried_within_the_run() {
     );
 }
 
-#[tokio::test]
-async fn an_upstream_that_never_recovers_makes_the_job_dead_after_its_attempts() {
+async fn an_upstream_that_never_recovers_makes_the_job_dead_after_its_attempts(db: TestDb) {
     let server = MockServer::start().await;
     Mock::given(matchers::path("/api/v2/studies"))
         .respond_with(ResponseTemplate::new(503).set_body_string("unavailable"))
         .mount(&server)
         .await;
-    let db = sqlite_db();
     let store = connect(&db).await;
     let mut config = test_config(&db.url, &server.uri());
     config.ctgov.max_request_attempts = 2;
@@ -271,15 +271,13 @@ async fn an_upstream_that_never_recovers_makes_the_job_dead_after_its_attempts()
     );
 }
 
-#[tokio::test]
-async fn a_bad_request_is_not_retried() {
+async fn a_bad_request_is_not_retried(db: TestDb) {
     let server = MockServer::start().await;
     Mock::given(matchers::path("/api/v2/studies"))
         .respond_with(ResponseTemplate::new(400).set_body_string("invalid value for query.term"))
         .expect(1)
         .mount(&server)
         .await;
-    let db = sqlite_db();
     let store = connect(&db).await;
     let config = test_config(&db.url, &server.uri());
     let enqueued = store.enqueue_batch(&batch(&["BRAF V600E"])).await.unwrap();
@@ -306,10 +304,8 @@ impl Summarizer for PanickingSummarizer {
     }
 }
 
-#[tokio::test]
-async fn a_panicking_run_is_retried_and_ends_dead_never_stuck_running() {
+async fn a_panicking_run_is_retried_and_ends_dead_never_stuck_running(db: TestDb) {
     let server = fake_ctgov(FakeStudies::new(2)).await;
-    let db = sqlite_db();
     let store = connect(&db).await;
     let config = test_config(&db.url, &server.uri());
     let enqueued = store.enqueue_batch(&batch(&["BRAF V600E"])).await.unwrap();
@@ -328,10 +324,8 @@ async fn a_panicking_run_is_retried_and_ends_dead_never_stuck_running() {
     );
 }
 
-#[tokio::test]
-async fn outdated_and_repeated_deliveries_do_no_work() {
+async fn outdated_and_repeated_deliveries_do_no_work(db: TestDb) {
     let server = fake_ctgov(FakeStudies::new(1)).await;
-    let db = sqlite_db();
     let store = connect(&db).await;
     let config = test_config(&db.url, &server.uri());
     let enqueued = store.enqueue_batch(&batch(&["BRAF V600E"])).await.unwrap();
@@ -361,10 +355,8 @@ async fn outdated_and_repeated_deliveries_do_no_work() {
     );
 }
 
-#[tokio::test]
-async fn a_job_whose_worker_died_mid_run_is_run_again() {
+async fn a_job_whose_worker_died_mid_run_is_run_again(db: TestDb) {
     let server = fake_ctgov(FakeStudies::new(1)).await;
-    let db = sqlite_db();
     let store = connect(&db).await;
     let config = test_config(&db.url, &server.uri());
     let enqueued = store.enqueue_batch(&batch(&["BRAF V600E"])).await.unwrap();
@@ -388,21 +380,30 @@ async fn a_job_whose_worker_died_mid_run_is_run_again() {
     assert_eq!((row.state.as_str(), row.attempts), ("succeeded", 2));
 }
 
-#[tokio::test]
-async fn a_batch_is_enqueued_whole_or_not_at_all() {
-    let db = sqlite_db();
+async fn a_batch_is_enqueued_whole_or_not_at_all(db: TestDb) {
     let store = connect(&db).await;
-    let Store::Sqlite(pool) = &store else {
-        unreachable!()
-    };
     // Make the third job insert fail inside the enqueue transaction.
-    sqlx::query(
-        "CREATE TRIGGER fail_third BEFORE INSERT ON tm_jobs WHEN NEW.position = 2
-         BEGIN SELECT RAISE(ABORT, 'injected failure'); END",
-    )
-    .execute(pool)
-    .await
-    .unwrap();
+    match &store {
+        Store::Sqlite(pool) => {
+            sqlx::query(
+                "CREATE TRIGGER fail_third BEFORE INSERT ON tm_jobs WHEN NEW.position = 2
+                 BEGIN SELECT RAISE(ABORT, 'injected failure'); END",
+            )
+            .execute(pool)
+            .await
+            .unwrap();
+        }
+        Store::Postgres(pool) => {
+            sqlx::raw_sql(
+                "CREATE FUNCTION fail_third() RETURNS trigger LANGUAGE plpgsql AS $$
+                 BEGIN IF NEW.position = 2 THEN RAISE EXCEPTION 'injected failure'; END IF; RETURN NEW; END $$;
+                 CREATE TRIGGER fail_third BEFORE INSERT ON tm_jobs FOR EACH ROW EXECUTE FUNCTION fail_third();",
+            )
+            .execute(pool)
+            .await
+            .unwrap();
+        }
+    }
     let err = store
         .enqueue_batch(&batch(&["A1B", "C2D", "E3F", "G4H"]))
         .await
@@ -411,15 +412,13 @@ async fn a_batch_is_enqueued_whole_or_not_at_all() {
     for table in [
         "SELECT COUNT(*) FROM tm_batches",
         "SELECT COUNT(*) FROM tm_jobs",
-        "SELECT COUNT(*) FROM Jobs",
     ] {
         assert_eq!(scalar_i64(&store, table).await, 0, "{table}");
     }
+    assert_eq!(queue_rows(&store).await, 0, "no queue rows");
 }
 
-#[tokio::test]
-async fn a_named_batch_is_enqueued_once() {
-    let db = sqlite_db();
+async fn a_named_batch_is_enqueued_once(db: TestDb) {
     let store = connect(&db).await;
     let mut named = batch(&["BRAF V600E", "KRAS G12C"]);
     named.name = Some("nightly-2026-12-04".into());
@@ -428,7 +427,7 @@ async fn a_named_batch_is_enqueued_once() {
     assert!(!first.already_existed && second.already_existed);
     assert_eq!(first.batch_id, second.batch_id);
     assert_eq!(scalar_i64(&store, "SELECT COUNT(*) FROM tm_jobs").await, 2);
-    assert_eq!(scalar_i64(&store, "SELECT COUNT(*) FROM Jobs").await, 2);
+    assert_eq!(queue_rows(&store).await, 2);
 }
 
 /// apalis's SQLite ack query (`queries/task/ack.sql` in apalis-sqlite 1.0), planned here the way
@@ -474,12 +473,11 @@ async fn history_cannot_slow_the_sqlite_queue_down() {
         .execute(pool)
         .await
         .unwrap();
-    assert!(
-        ack_plan(&store).await.contains("LIdx"),
-        "the probe sees the index when it exists"
-    );
+    let lidx = "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND name = 'LIdx'";
+    assert_eq!(scalar_i64(&store, lidx).await, 1);
     store.close().await;
     let store = connect(&db).await;
+    assert_eq!(scalar_i64(&store, lidx).await, 0, "dropped again at start");
     assert!(!ack_plan(&store).await.contains("LIdx"));
 
     // Finished queue rows are deleted; unfinished ones are kept.
@@ -502,5 +500,5 @@ async fn history_cannot_slow_the_sqlite_queue_down() {
         .unwrap();
     drop(conn);
     assert_eq!(store.sweep_queue().await.unwrap(), 40);
-    assert_eq!(scalar_i64(&store, "SELECT COUNT(*) FROM Jobs").await, 10);
+    assert_eq!(queue_rows(&store).await, 10);
 }

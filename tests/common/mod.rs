@@ -130,22 +130,163 @@ pub async fn fake_ctgov(fake: FakeStudies) -> MockServer {
     server
 }
 
-/// A fresh SQLite database in its own directory (removed when the guard drops).
+/// A fresh, empty database for one test: an SQLite file in its own directory, or a Postgres
+/// database of its own (created from `TEST_DATABASE_URL`, dropped when the guard drops).
 pub struct TestDb {
     pub url: String,
-    pub dir: TempDir,
+    _dir: Option<TempDir>,
+    postgres: Option<(String, String)>, // (admin URL, database name)
 }
 
 pub fn sqlite_db() -> TestDb {
     let dir = tempfile::tempdir().expect("temp dir");
     let url = format!("sqlite://{}", dir.path().join("test.db").display());
-    TestDb { url, dir }
+    TestDb {
+        url,
+        _dir: Some(dir),
+        postgres: None,
+    }
+}
+
+/// The admin URL for Postgres tests, or `None` (and a note on stderr) when they are skipped.
+pub fn postgres_admin_url(test: &str) -> Option<String> {
+    match std::env::var("TEST_DATABASE_URL") {
+        Ok(url) if !url.trim().is_empty() => Some(url),
+        _ => {
+            let line = format!(
+                "SKIPPED postgres::{test}: TEST_DATABASE_URL is not set, so the Postgres tests do not run"
+            );
+            // Written to the process's stderr past the test harness's capture, so the skip shows
+            // in every run, not only when a test fails.
+            use std::io::Write as _;
+            match std::fs::OpenOptions::new()
+                .append(true)
+                .open("/proc/self/fd/2")
+            {
+                Ok(mut stderr) => {
+                    let _ = writeln!(stderr, "{line}");
+                }
+                Err(_) => eprintln!("{line}"),
+            }
+            None
+        }
+    }
+}
+
+/// A new Postgres database; `None` when Postgres tests are skipped.
+pub async fn postgres_db(test: &str) -> Option<TestDb> {
+    let admin = postgres_admin_url(test)?;
+    let name = format!(
+        "trialmatch_test_{}",
+        ulid::Ulid::new().to_string().to_lowercase()
+    );
+    let pool = sqlx::PgPool::connect(&admin)
+        .await
+        .expect("TEST_DATABASE_URL reachable");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&pool)
+        .await
+        .expect("create test database");
+    pool.close().await;
+    let mut url = url::Url::parse(&admin).expect("TEST_DATABASE_URL is a URL");
+    url.set_path(&name);
+    Some(TestDb {
+        url: url.to_string(),
+        _dir: None,
+        postgres: Some((admin, name)),
+    })
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let Some((admin, name)) = self.postgres.take() else {
+            return;
+        };
+        // Drop runs outside any runtime we may block; use a thread with its own.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            runtime.block_on(async {
+                let pool = sqlx::PgPool::connect(&admin).await.ok()?;
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                )))
+                .execute(&pool)
+                .await
+                .ok()?;
+                pool.close().await;
+                Some(())
+            })
+        })
+        .join();
+    }
+}
+
+/// The backend a shared test runs on.
+#[derive(Debug, Clone, Copy)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A fresh database of `backend`; `None` when that backend's tests are skipped.
+pub async fn fresh_db(backend: Backend, test: &str) -> Option<TestDb> {
+    match backend {
+        Backend::Sqlite => Some(sqlite_db()),
+        Backend::Postgres => postgres_db(test).await,
+    }
+}
+
+/// Generates `sqlite` and `postgres` test modules running the same async test bodies.
+/// Each body is `async fn name(db: TestDb)`.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let db = $crate::common::fresh_db($crate::common::Backend::Sqlite, stringify!($name)).await.unwrap();
+                    super::$name(db).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let Some(db) = $crate::common::fresh_db($crate::common::Backend::Postgres, stringify!($name)).await else {
+                        return;
+                    };
+                    super::$name(db).await;
+                }
+            )*
+        }
+    };
+}
+
+/// Rows in apalis's queue table for our queue.
+pub async fn queue_rows(store: &Store) -> i64 {
+    match store {
+        Store::Sqlite(pool) => sqlx::query_scalar("SELECT COUNT(*) FROM Jobs")
+            .fetch_one(pool)
+            .await
+            .unwrap(),
+        Store::Postgres(pool) => sqlx::query_scalar("SELECT COUNT(*) FROM apalis.jobs")
+            .fetch_one(pool)
+            .await
+            .unwrap(),
+    }
 }
 
 /// A configuration for tests: fast polling and retries, upstream at `ctgov_uri`.
 pub fn test_config(db_url: &str, ctgov_uri: &str) -> Config {
-    let mut config = Config::default();
-    config.database_url = db_url.to_owned();
+    let mut config = Config {
+        database_url: db_url.to_owned(),
+        ..Config::default()
+    };
     config.ctgov.base_url = format!("{ctgov_uri}/api/v2");
     config.ctgov.backoff_base_ms = 1;
     config.ctgov.backoff_max_ms = 20;
