@@ -70,6 +70,8 @@ pub struct FakeStudies {
     pub counts: Arc<HashMap<String, usize>>,
     pub default_count: usize,
     pub requests: Arc<AtomicUsize>,
+    /// Added to every response, like a real upstream's latency.
+    pub latency: std::time::Duration,
 }
 
 impl FakeStudies {
@@ -78,7 +80,13 @@ impl FakeStudies {
             counts: Arc::new(HashMap::new()),
             default_count,
             requests: Arc::default(),
+            latency: std::time::Duration::ZERO,
         }
+    }
+
+    pub fn with_latency(mut self, latency: std::time::Duration) -> Self {
+        self.latency = latency;
+        self
     }
 
     pub fn with_count(mut self, term: &str, count: usize) -> Self {
@@ -115,7 +123,9 @@ impl Respond for FakeStudies {
         if offset + page_size < count {
             body["nextPageToken"] = json!(format!("tok-{}", offset + page_size));
         }
-        ResponseTemplate::new(200).set_body_json(body)
+        ResponseTemplate::new(200)
+            .set_body_json(body)
+            .set_delay(self.latency)
     }
 }
 
