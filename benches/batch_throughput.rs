@@ -9,7 +9,6 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -39,17 +38,14 @@ async fn drain(
     let started = Instant::now();
     let children: Vec<_> = (0..processes)
         .map(|_| {
-            tokio::process::Command::new(env!("CARGO_BIN_EXE_trialmatch"))
-                .args(["work", "--drain", "--concurrency", &concurrency.to_string()])
-                .env_clear()
-                .env("TRIALMATCH_DATABASE_URL", &db.url)
-                .env("TRIALMATCH_CTGOV__BASE_URL", format!("{ctgov}/api/v2"))
-                .env("TRIALMATCH_WORKER__POLL_INTERVAL_MS", "50")
-                .env("TRIALMATCH_LOG", "error")
-                .stdout(Stdio::null())
-                .kill_on_drop(true)
-                .spawn()
-                .expect("the binary starts")
+            worker_process(
+                &db.url,
+                ctgov,
+                &["work", "--drain", "--concurrency", &concurrency.to_string()],
+            )
+            .env("TRIALMATCH_LOG", "error")
+            .spawn()
+            .expect("the binary starts")
         })
         .collect();
     for child in children {

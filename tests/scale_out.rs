@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -32,21 +31,13 @@ async fn three_worker_processes_drain_one_postgres_queue_exactly_once() {
     let started = Instant::now();
     let children: Vec<_> = (0..PROCESSES)
         .map(|_| {
-            tokio::process::Command::new(env!("CARGO_BIN_EXE_trialmatch"))
-                .args(["work", "--drain", "--concurrency", "8"])
-                .env_clear()
-                .env("TRIALMATCH_DATABASE_URL", &db.url)
-                .env(
-                    "TRIALMATCH_CTGOV__BASE_URL",
-                    format!("{}/api/v2", server.uri()),
-                )
-                .env("TRIALMATCH_WORKER__POLL_INTERVAL_MS", "50")
-                .env("TRIALMATCH_LOG", "warn")
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .kill_on_drop(true)
-                .spawn()
-                .expect("the binary starts")
+            worker_process(
+                &db.url,
+                &server.uri(),
+                &["work", "--drain", "--concurrency", "8"],
+            )
+            .spawn()
+            .expect("the binary starts")
         })
         .collect();
     for child in children {

@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
@@ -21,19 +20,7 @@ async fn sigterm_lets_in_flight_jobs_finish_and_leaves_the_rest_queued() {
     };
     let enqueued = store.enqueue_batch(&batch).await.unwrap();
 
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_trialmatch"))
-        .args(["work", "--concurrency", "2"])
-        .env_clear()
-        .env("TRIALMATCH_DATABASE_URL", &db.url)
-        .env(
-            "TRIALMATCH_CTGOV__BASE_URL",
-            format!("{}/api/v2", server.uri()),
-        )
-        .env("TRIALMATCH_WORKER__POLL_INTERVAL_MS", "20")
-        .env("TRIALMATCH_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
+    let child = worker_process(&db.url, &server.uri(), &["work", "--concurrency", "2"])
         .spawn()
         .unwrap();
 
@@ -84,19 +71,12 @@ async fn sigterm_lets_in_flight_jobs_finish_and_leaves_the_rest_queued() {
     assert_eq!(succeeded + queued, rows.len(), "{states:?}");
 
     // The jobs left behind are taken by the next worker.
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_trialmatch"))
-        .args(["work", "--drain", "--concurrency", "8"])
-        .env_clear()
-        .env("TRIALMATCH_DATABASE_URL", &db.url)
-        .env(
-            "TRIALMATCH_CTGOV__BASE_URL",
-            format!("{}/api/v2", server.uri()),
-        )
-        .env("TRIALMATCH_WORKER__POLL_INTERVAL_MS", "20")
-        .env("TRIALMATCH_LOG", "warn")
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .status();
+    let child = worker_process(
+        &db.url,
+        &server.uri(),
+        &["work", "--drain", "--concurrency", "8"],
+    )
+    .status();
     let status = tokio::time::timeout(Duration::from_secs(30), child)
         .await
         .expect("drains")

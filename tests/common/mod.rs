@@ -320,3 +320,19 @@ pub async fn scalar_i64(store: &Store, sql: &'static str) -> i64 {
         Store::Postgres(pool) => sqlx::query_scalar(sql).fetch_one(pool).await.expect(sql),
     }
 }
+
+/// The real `trialmatch` binary as a child process, configured only through the environment:
+/// database `db_url`, upstream `ctgov_uri`, fast polling, quiet logs. Killed if dropped.
+pub fn worker_process(db_url: &str, ctgov_uri: &str, args: &[&str]) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_trialmatch"));
+    cmd.args(args)
+        .env_clear()
+        .env("TRIALMATCH_DATABASE_URL", db_url)
+        .env("TRIALMATCH_CTGOV__BASE_URL", format!("{ctgov_uri}/api/v2"))
+        .env("TRIALMATCH_WORKER__POLL_INTERVAL_MS", "20")
+        .env("TRIALMATCH_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
