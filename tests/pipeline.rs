@@ -1,5 +1,6 @@
-//! The whole flow on SQLite: enqueue → queue → worker → fake ClinicalTrials.gov → summary → stored,
-//! driven by draining the queue (no sleeps), and the failure paths that must end in a known state.
+//! The whole flow: enqueue → queue → worker → fake ClinicalTrials.gov → summary → stored, driven by
+//! draining the queue (no sleeps), and the failure paths that must end in a known state. The shared
+//! tests run on SQLite and on Postgres (`on_both_backends!`); the last one is about SQLite alone.
 
 mod common;
 
@@ -8,7 +9,8 @@ use std::time::Duration;
 
 use common::*;
 use futures::future::BoxFuture;
-use trialmatch::db::{NewBatch, Store};
+use trialmatch::config::Config;
+use trialmatch::db::{JobRow, NewBatch, Store};
 use trialmatch::flow::NodeError;
 use trialmatch::queue::{MutationTask, QueueConnection};
 use trialmatch::summarize::{Summarizer, Summary, SummaryInput};
@@ -46,9 +48,44 @@ async fn drain(app: Arc<App>) {
         .expect("the worker runs");
 }
 
+/// Enqueues one job ("BRAF V600E") and returns its id.
+async fn enqueue_one(store: &Store) -> String {
+    let enqueued = store.enqueue_batch(&batch(&["BRAF V600E"])).await.unwrap();
+    store
+        .batch_jobs(&enqueued.batch_id)
+        .await
+        .unwrap()
+        .remove(0)
+        .id
+}
+
+/// Runs one job ("BRAF V600E") to its end against an upstream that always gives `response`;
+/// returns the store, the job's row and the upstream (to count its requests).
+async fn run_one_job_against(
+    db: &TestDb,
+    response: ResponseTemplate,
+    configure: impl FnOnce(&mut Config),
+) -> (Store, JobRow, MockServer) {
+    let server = MockServer::start().await;
+    Mock::given(matchers::path("/api/v2/studies"))
+        .respond_with(response)
+        .mount(&server)
+        .await;
+    let store = connect(db).await;
+    let mut config = test_config(&db.url, &server.uri());
+    configure(&mut config);
+    let enqueued = store.enqueue_batch(&batch(&["BRAF V600E"])).await.unwrap();
+    drain(Arc::new(App::new(&config, store.clone()).unwrap())).await;
+    let row = store
+        .batch_jobs(&enqueued.batch_id)
+        .await
+        .unwrap()
+        .remove(0);
+    (store, row, server)
+}
+
 async fn enqueued_mutations_end_with_stored_trials_and_summaries(db: TestDb) {
-    let fake = FakeStudies::new(3).with_count("KRAS G12C", 0);
-    let server = fake_ctgov(fake.clone()).await;
+    let server = fake_ctgov(FakeStudies::new(3).with_count("KRAS G12C", 0)).await;
     let store = connect(&db).await;
     let config = test_config(&db.url, &server.uri());
     let enqueued = store
@@ -128,14 +165,14 @@ async fn enqueued_mutations_end_with_stored_trials_and_summaries(db: TestDb) {
         "two nodes per job"
     );
     assert_eq!(queue_rows(&store).await, 0, "finished queue rows are swept");
-    assert_eq!(fake.requests.load(std::sync::atomic::Ordering::SeqCst), 3);
+    assert_eq!(server.received_requests().await.unwrap().len(), 3);
 }
 
 async fn pages_are_followed_until_max_trials(db: TestDb) {
     let fake = FakeStudies::new(0)
         .with_count("BRAF V600E", 23)
         .with_count("EGFR L858R", 7);
-    let server = fake_ctgov(fake.clone()).await;
+    let server = fake_ctgov(fake).await;
     let store = connect(&db).await;
     let mut config = test_config(&db.url, &server.uri());
     config.ctgov.page_size = 5;
@@ -159,24 +196,19 @@ async fn pages_are_followed_until_max_trials(db: TestDb) {
         "stops at the last page (no nextPageToken)"
     );
     // 12 of 23 need pages 1-3; 7 need pages 1-2.
-    assert_eq!(fake.requests.load(std::sync::atomic::Ordering::SeqCst), 5);
+    assert_eq!(server.received_requests().await.unwrap().len(), 5);
     let ranks = scalar_i64(&store, "SELECT MAX(rank) FROM tm_job_trials").await;
     assert_eq!(ranks, 12);
 }
 
 async fn a_malformed_body_fails_the_job_at_once_with_the_reason_stored(db: TestDb) {
-    let server = MockServer::start().await;
-    Mock::given(matchers::path("/api/v2/studies"))
-        .respond_with(ResponseTemplate::new(200).set_body_string("<html>maintenance</html>"))
-        .expect(1)
-        .mount(&server)
-        .await;
-    let store = connect(&db).await;
-    let config = test_config(&db.url, &server.uri());
-    let enqueued = store.enqueue_batch(&batch(&["BRAF V600E"])).await.unwrap();
-    drain(Arc::new(App::new(&config, store.clone()).unwrap())).await;
-
-    let row = &store.batch_jobs(&enqueued.batch_id).await.unwrap()[0];
+    let body = ResponseTemplate::new(200).set_body_string("<html>maintenance</html>");
+    let (store, row, server) = run_one_job_against(&db, body, |_| {}).await;
+    assert_eq!(
+        server.received_requests().await.unwrap().len(),
+        1,
+        "not retried"
+    );
     assert_eq!((row.state.as_str(), row.attempts), ("failed", 1));
     let error = row.last_error.as_deref().unwrap();
     assert!(
@@ -242,18 +274,11 @@ async fn a_transient_server_error_is_retried_within_the_run(db: TestDb) {
 }
 
 async fn an_upstream_that_never_recovers_makes_the_job_dead_after_its_attempts(db: TestDb) {
-    let server = MockServer::start().await;
-    Mock::given(matchers::path("/api/v2/studies"))
-        .respond_with(ResponseTemplate::new(503).set_body_string("unavailable"))
-        .mount(&server)
-        .await;
-    let store = connect(&db).await;
-    let mut config = test_config(&db.url, &server.uri());
-    config.ctgov.max_request_attempts = 2;
-    let enqueued = store.enqueue_batch(&batch(&["BRAF V600E"])).await.unwrap();
-    drain(Arc::new(App::new(&config, store.clone()).unwrap())).await;
-
-    let row = &store.batch_jobs(&enqueued.batch_id).await.unwrap()[0];
+    let unavailable = ResponseTemplate::new(503).set_body_string("unavailable");
+    let (store, row, server) = run_one_job_against(&db, unavailable, |config| {
+        config.ctgov.max_request_attempts = 2;
+    })
+    .await;
     assert_eq!((row.state.as_str(), row.attempts), ("dead", 3), "{row:?}");
     assert!(
         row.last_error.as_deref().unwrap().contains("HTTP 503"),
@@ -272,17 +297,13 @@ async fn an_upstream_that_never_recovers_makes_the_job_dead_after_its_attempts(d
 }
 
 async fn a_bad_request_is_not_retried(db: TestDb) {
-    let server = MockServer::start().await;
-    Mock::given(matchers::path("/api/v2/studies"))
-        .respond_with(ResponseTemplate::new(400).set_body_string("invalid value for query.term"))
-        .expect(1)
-        .mount(&server)
-        .await;
-    let store = connect(&db).await;
-    let config = test_config(&db.url, &server.uri());
-    let enqueued = store.enqueue_batch(&batch(&["BRAF V600E"])).await.unwrap();
-    drain(Arc::new(App::new(&config, store.clone()).unwrap())).await;
-    let row = &store.batch_jobs(&enqueued.batch_id).await.unwrap()[0];
+    let refused = ResponseTemplate::new(400).set_body_string("invalid value for query.term");
+    let (_store, row, server) = run_one_job_against(&db, refused, |_| {}).await;
+    assert_eq!(
+        server.received_requests().await.unwrap().len(),
+        1,
+        "not retried"
+    );
     assert_eq!(row.state, "failed");
     assert!(
         row.last_error.as_deref().unwrap().contains("HTTP 400"),
@@ -328,10 +349,7 @@ async fn outdated_and_repeated_deliveries_do_no_work(db: TestDb) {
     let server = fake_ctgov(FakeStudies::new(1)).await;
     let store = connect(&db).await;
     let config = test_config(&db.url, &server.uri());
-    let enqueued = store.enqueue_batch(&batch(&["BRAF V600E"])).await.unwrap();
-    let job_id = store.batch_jobs(&enqueued.batch_id).await.unwrap()[0]
-        .id
-        .clone();
+    let job_id = enqueue_one(&store).await;
     let app = App::new(&config, store.clone()).unwrap();
 
     let outdated = MutationTask {
@@ -359,10 +377,7 @@ async fn a_job_whose_worker_died_mid_run_is_run_again(db: TestDb) {
     let server = fake_ctgov(FakeStudies::new(1)).await;
     let store = connect(&db).await;
     let config = test_config(&db.url, &server.uri());
-    let enqueued = store.enqueue_batch(&batch(&["BRAF V600E"])).await.unwrap();
-    let job_id = store.batch_jobs(&enqueued.batch_id).await.unwrap()[0]
-        .id
-        .clone();
+    let job_id = enqueue_one(&store).await;
     let task = MutationTask {
         job_id: job_id.clone(),
         delivery: 1,
@@ -376,7 +391,10 @@ async fn a_job_whose_worker_died_mid_run_is_run_again(db: TestDb) {
     // apalis hands the same delivery out again once the dead worker's heartbeat is missed.
     let app = App::new(&config, store.clone()).unwrap();
     assert_eq!(app.process(&task).await.unwrap(), RunOutcome::Succeeded);
-    let row = &store.batch_jobs(&enqueued.batch_id).await.unwrap()[0];
+    let row = &store
+        .batch_jobs(&store.latest_batch_id().await.unwrap().unwrap())
+        .await
+        .unwrap()[0];
     assert_eq!((row.state.as_str(), row.attempts), ("succeeded", 2));
 }
 

@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde_json::{Value, json};
 use tempfile::TempDir;
@@ -69,7 +68,6 @@ pub fn studies_for(term: &str, count: usize) -> Vec<Value> {
 pub struct FakeStudies {
     pub counts: Arc<HashMap<String, usize>>,
     pub default_count: usize,
-    pub requests: Arc<AtomicUsize>,
     /// Added to every response, like a real upstream's latency.
     pub latency: std::time::Duration,
 }
@@ -79,7 +77,6 @@ impl FakeStudies {
         Self {
             counts: Arc::new(HashMap::new()),
             default_count,
-            requests: Arc::default(),
             latency: std::time::Duration::ZERO,
         }
     }
@@ -97,7 +94,6 @@ impl FakeStudies {
 
 impl Respond for FakeStudies {
     fn respond(&self, request: &Request) -> ResponseTemplate {
-        self.requests.fetch_add(1, Ordering::SeqCst);
         let query: HashMap<String, String> = request.url.query_pairs().into_owned().collect();
         let Some(term) = query.get("query.term") else {
             return ResponseTemplate::new(400).set_body_string("query.term is required");
@@ -234,21 +230,6 @@ impl Drop for TestDb {
     }
 }
 
-/// The backend a shared test runs on.
-#[derive(Debug, Clone, Copy)]
-pub enum Backend {
-    Sqlite,
-    Postgres,
-}
-
-/// A fresh database of `backend`; `None` when that backend's tests are skipped.
-pub async fn fresh_db(backend: Backend, test: &str) -> Option<TestDb> {
-    match backend {
-        Backend::Sqlite => Some(sqlite_db()),
-        Backend::Postgres => postgres_db(test).await,
-    }
-}
-
 /// Generates `sqlite` and `postgres` test modules running the same async test bodies.
 /// Each body is `async fn name(db: TestDb)`.
 #[macro_export]
@@ -258,7 +239,7 @@ macro_rules! on_both_backends {
             $(
                 #[tokio::test]
                 async fn $name() {
-                    let db = $crate::common::fresh_db($crate::common::Backend::Sqlite, stringify!($name)).await.unwrap();
+                    let db = $crate::common::sqlite_db();
                     super::$name(db).await;
                 }
             )*
@@ -267,7 +248,7 @@ macro_rules! on_both_backends {
             $(
                 #[tokio::test]
                 async fn $name() {
-                    let Some(db) = $crate::common::fresh_db($crate::common::Backend::Postgres, stringify!($name)).await else {
+                    let Some(db) = $crate::common::postgres_db(stringify!($name)).await else {
                         return;
                     };
                     super::$name(db).await;
@@ -277,18 +258,13 @@ macro_rules! on_both_backends {
     };
 }
 
-/// Rows in apalis's queue table for our queue.
+/// Rows in apalis's queue table.
 pub async fn queue_rows(store: &Store) -> i64 {
-    match store {
-        Store::Sqlite(pool) => sqlx::query_scalar("SELECT COUNT(*) FROM Jobs")
-            .fetch_one(pool)
-            .await
-            .unwrap(),
-        Store::Postgres(pool) => sqlx::query_scalar("SELECT COUNT(*) FROM apalis.jobs")
-            .fetch_one(pool)
-            .await
-            .unwrap(),
-    }
+    let sql = match store {
+        Store::Sqlite(_) => "SELECT COUNT(*) FROM Jobs",
+        Store::Postgres(_) => "SELECT COUNT(*) FROM apalis.jobs",
+    };
+    scalar_i64(store, sql).await
 }
 
 /// A configuration for tests: fast polling and retries, upstream at `ctgov_uri`.
