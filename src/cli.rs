@@ -314,8 +314,8 @@ fn progress_bar(total: u64) -> ProgressBar {
 
 async fn follow_progress(store: Store, batch_id: String, bar: ProgressBar) {
     loop {
-        if let Ok(rows) = store.batch_jobs(&batch_id).await {
-            let counts = Counts::of(&rows);
+        if let Ok(states) = store.batch_state_counts(&batch_id).await {
+            let counts = Counts::from_state_counts(states.iter().map(|(s, n)| (s.as_str(), *n)));
             bar.set_position(counts.finished() as u64);
             let problems = counts.failed + counts.dead;
             bar.set_message(if problems > 0 {

@@ -510,6 +510,17 @@ impl Store {
         Ok(count)
     }
 
+    /// How many jobs of a batch are in each state: `(state, count)`.
+    pub async fn batch_state_counts(&self, batch_id: &str) -> Result<Vec<(String, i64)>, DbError> {
+        let rows = with_pool!(self, pool => sqlx::query_as(
+            "SELECT state, COUNT(*) FROM tm_jobs WHERE batch_id = $1 GROUP BY state",
+        )
+        .bind(batch_id)
+        .fetch_all(pool)
+        .await?);
+        Ok(rows)
+    }
+
     /// The most recently created batch.
     pub async fn latest_batch_id(&self) -> Result<Option<String>, DbError> {
         // ULIDs sort by creation time.

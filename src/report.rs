@@ -19,15 +19,21 @@ pub struct Counts {
 
 impl Counts {
     pub fn of(rows: &[JobRow]) -> Self {
+        Self::from_state_counts(rows.iter().map(|row| (row.state.as_str(), 1)))
+    }
+
+    /// From `(state, how many)` pairs, as a `GROUP BY state` query returns them.
+    pub fn from_state_counts<'a>(pairs: impl IntoIterator<Item = (&'a str, i64)>) -> Self {
         let mut counts = Counts::default();
-        for row in rows {
-            match row.state.as_str() {
-                "queued" => counts.queued += 1,
-                "running" => counts.running += 1,
-                "retrying" => counts.retrying += 1,
-                "succeeded" => counts.succeeded += 1,
-                "failed" => counts.failed += 1,
-                _ => counts.dead += 1,
+        for (state, n) in pairs {
+            let n = usize::try_from(n).unwrap_or(0);
+            match state {
+                "queued" => counts.queued += n,
+                "running" => counts.running += n,
+                "retrying" => counts.retrying += n,
+                "succeeded" => counts.succeeded += n,
+                "failed" => counts.failed += n,
+                _ => counts.dead += n,
             }
         }
         counts

@@ -103,6 +103,10 @@ async fn enqueued_mutations_end_with_stored_trials_and_summaries(db: TestDb) {
         "{rows:?}"
     );
     assert_eq!(
+        store.batch_state_counts(&enqueued.batch_id).await.unwrap(),
+        [("succeeded".to_owned(), 3)]
+    );
+    assert_eq!(
         rows.iter()
             .map(|r| r.trials_found.unwrap())
             .collect::<Vec<_>>(),
