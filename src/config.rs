@@ -23,6 +23,8 @@ pub const DEFAULT_ANTHROPIC_BASE_URL: &str = "https://api.anthropic.com";
 pub const DEFAULT_ANTHROPIC_MODEL: &str = "claude-sonnet-4-5";
 /// Default config file, read when present.
 pub const DEFAULT_CONFIG_FILE: &str = "trialmatch.toml";
+/// Shortest worker heartbeat accepted.
+pub const MIN_HEARTBEAT_MS: u64 = 1_000;
 /// Longest mutation text accepted.
 pub const MAX_MUTATION_CHARS: usize = 200;
 
@@ -111,7 +113,7 @@ pub struct WorkerConfig {
     /// Longest delay before a failed job runs again. Defaults to 600,000 ms.
     pub retry_max_ms: u64,
     /// Heartbeat of a worker; a worker silent for three beats is presumed dead and its jobs return
-    /// to the queue. Defaults to 10,000 ms.
+    /// to the queue. At least 1,000 ms. Defaults to 10,000 ms.
     pub heartbeat_ms: u64,
 }
 
@@ -274,6 +276,14 @@ impl Config {
             if value == 0 {
                 return Err(invalid(field, "must be at least 1"));
             }
+        }
+        if self.worker.heartbeat_ms < MIN_HEARTBEAT_MS {
+            // apalis turns heartbeat × missed beats into whole seconds; below a second a worker
+            // can find its own running jobs "orphaned" and hand them out again.
+            return Err(invalid(
+                "worker.heartbeat_ms",
+                format!("must be at least {MIN_HEARTBEAT_MS} ms"),
+            ));
         }
         if self.ctgov.page_size > 1_000 {
             return Err(invalid(
@@ -490,6 +500,10 @@ mod tests {
             assert!(err.contains("ctgov.base_url"), "{err}");
 
             jail.set_env("TRIALMATCH_CTGOV__BASE_URL", "http://127.0.0.1:1/api/v2");
+            jail.set_env("TRIALMATCH_WORKER__HEARTBEAT_MS", "300");
+            let err = load_in_jail(&Overrides::default()).unwrap_err().to_string();
+            assert!(err.contains("worker.heartbeat_ms"), "{err}");
+            jail.set_env("TRIALMATCH_WORKER__HEARTBEAT_MS", "1000");
             jail.set_env("TRIALMATCH_DATABASE_URL", "mysql://x");
             let err = load_in_jail(&Overrides::default()).unwrap_err().to_string();
             assert!(err.contains("database_url"), "{err}");
