@@ -51,6 +51,9 @@ pub enum Command {
         /// Print only the table, not the summaries.
         #[arg(long)]
         no_summaries: bool,
+        /// Summarize again even when a mutation's trials have not changed.
+        #[arg(long)]
+        force_summarize: bool,
     },
     /// Put one job per mutation into the queue (one transaction: all or none).
     Enqueue {
@@ -65,6 +68,9 @@ pub enum Command {
         /// Jobs run at once.
         #[arg(long)]
         concurrency: Option<usize>,
+        /// Summarize again even when a mutation's trials have not changed.
+        #[arg(long)]
+        force_summarize: bool,
     },
     /// Per-mutation state of a batch (the latest by default).
     Status {
@@ -151,7 +157,17 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run { concurrency, .. } | Command::Work { concurrency, .. } => *concurrency,
         _ => None,
     };
+    let force_summarize = match &cli.command {
+        Command::Run {
+            force_summarize, ..
+        }
+        | Command::Work {
+            force_summarize, ..
+        } => force_summarize.then_some(true),
+        _ => None,
+    };
     let overrides = Overrides {
+        force_summarize,
         database_url: cli.database_url.clone(),
         summarizer: cli.summarizer,
         worker: concurrency.map(|c| WorkerOverrides {
@@ -231,6 +247,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             store.close().await;
             match summary {
                 Some(summary) => {
+                    if summary.stop_reason.as_deref() == Some("max_tokens") {
+                        eprintln!(
+                            "note: this summary was cut short (the model reached max_tokens)"
+                        );
+                    }
                     print!("{}", summary.body);
                     Ok(ExitCode::SUCCESS)
                 }

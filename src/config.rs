@@ -37,6 +37,9 @@ pub struct Config {
     pub database_url: String,
     /// Which summarizer to use; `None` picks `anthropic` when an API key is set, else `offline`.
     pub summarizer: Option<SummarizerKind>,
+    /// Summarize again even when a mutation's trials have not changed since its last summary.
+    /// Defaults to false.
+    pub force_summarize: bool,
     pub ctgov: CtgovConfig,
     pub anthropic: AnthropicConfig,
     pub worker: WorkerConfig,
@@ -91,6 +94,22 @@ pub struct AnthropicConfig {
     pub temperature: f32,
     /// Timeout for one request. Defaults to 120,000 ms.
     pub request_timeout_ms: u64,
+    /// TCP connect timeout. Defaults to 10,000 ms.
+    pub connect_timeout_ms: u64,
+    /// How long an idle pooled connection is kept. Defaults to 90,000 ms.
+    pub pool_idle_timeout_ms: u64,
+    /// Idle connections kept per host. Defaults to 16.
+    pub pool_max_idle_per_host: usize,
+    /// Attempts of one call before the job run gives up. Defaults to 4.
+    pub max_request_attempts: u32,
+    /// First retry delay; doubles each retry, with jitter. Defaults to 2,000 ms.
+    pub backoff_base_ms: u64,
+    /// Longest wait between two calls, also the cap on `Retry-After`. Defaults to 60,000 ms.
+    pub backoff_max_ms: u64,
+    /// Most trials put in one prompt. Defaults to 50.
+    pub max_prompt_trials: usize,
+    /// Most characters of trial listing put in one prompt. Defaults to 60,000.
+    pub max_prompt_chars: usize,
     /// The key; from `ANTHROPIC_API_KEY`. Never printed.
     #[serde(serialize_with = "serialize_secret")]
     pub api_key: Option<SecretString>,
@@ -122,6 +141,7 @@ impl Default for Config {
         Self {
             database_url: DEFAULT_DATABASE_URL.to_owned(),
             summarizer: None,
+            force_summarize: false,
             ctgov: CtgovConfig::default(),
             anthropic: AnthropicConfig::default(),
             worker: WorkerConfig::default(),
@@ -154,6 +174,14 @@ impl Default for AnthropicConfig {
             max_tokens: 2_048,
             temperature: 0.2,
             request_timeout_ms: 120_000,
+            connect_timeout_ms: 10_000,
+            pool_idle_timeout_ms: 90_000,
+            pool_max_idle_per_host: 16,
+            max_request_attempts: 4,
+            backoff_base_ms: 2_000,
+            backoff_max_ms: 60_000,
+            max_prompt_trials: 50,
+            max_prompt_chars: 60_000,
             api_key: None,
         }
     }
@@ -191,6 +219,8 @@ pub struct Overrides {
     pub database_url: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub summarizer: Option<SummarizerKind>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub force_summarize: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub worker: Option<WorkerOverrides>,
 }
@@ -258,7 +288,7 @@ impl Config {
         }
         check_http_url("ctgov.base_url", &self.ctgov.base_url)?;
         check_http_url("anthropic.base_url", &self.anthropic.base_url)?;
-        let positive: [(&'static str, u64); 9] = [
+        let positive: [(&'static str, u64); 13] = [
             ("worker.concurrency", self.worker.concurrency as u64),
             ("worker.max_attempts", self.worker.max_attempts.into()),
             ("worker.poll_interval_ms", self.worker.poll_interval_ms),
@@ -271,6 +301,19 @@ impl Config {
                 self.ctgov.max_request_attempts.into(),
             ),
             ("ctgov.request_timeout_ms", self.ctgov.request_timeout_ms),
+            ("anthropic.max_tokens", self.anthropic.max_tokens.into()),
+            (
+                "anthropic.max_request_attempts",
+                self.anthropic.max_request_attempts.into(),
+            ),
+            (
+                "anthropic.max_prompt_trials",
+                self.anthropic.max_prompt_trials as u64,
+            ),
+            (
+                "anthropic.request_timeout_ms",
+                self.anthropic.request_timeout_ms,
+            ),
         ];
         for (field, value) in positive {
             if value == 0 {
@@ -307,6 +350,32 @@ impl Config {
             return Err(invalid(
                 "ctgov.backoff_base_ms",
                 "must not exceed ctgov.backoff_max_ms",
+            ));
+        }
+        if self.anthropic.max_prompt_chars < 1_000 {
+            return Err(invalid(
+                "anthropic.max_prompt_chars",
+                "must be at least 1,000",
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.anthropic.temperature) {
+            return Err(invalid("anthropic.temperature", "must be between 0 and 1"));
+        }
+        if self.anthropic.backoff_base_ms > self.anthropic.backoff_max_ms {
+            return Err(invalid(
+                "anthropic.backoff_base_ms",
+                "must not exceed anthropic.backoff_max_ms",
+            ));
+        }
+        if self
+            .anthropic
+            .api_key
+            .as_ref()
+            .is_some_and(|k| k.expose_secret().trim().is_empty())
+        {
+            return Err(invalid(
+                "anthropic.api_key",
+                "is set but empty; unset ANTHROPIC_API_KEY or give a key",
             ));
         }
         if self.summarizer == Some(SummarizerKind::Anthropic) && self.anthropic.api_key.is_none() {

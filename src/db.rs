@@ -18,6 +18,7 @@ use crate::config::redact_url;
 use crate::flow::JobState;
 use crate::http::FailureKind;
 use crate::queue::{MutationTask, QueueConnection};
+use crate::summarize::{Summarizer, Summary, TokenUsage};
 
 /// Our migration history lives apart from apalis's `_sqlx_migrations`: each migrator refuses the
 /// other's versions when they share a table.
@@ -162,6 +163,10 @@ pub struct JobRow {
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
     pub next_attempt_at: Option<DateTime<Utc>>,
+    /// The job's summary's `stop_reason` (`max_tokens`: cut short).
+    pub summary_stop_reason: Option<String>,
+    /// The job whose summary this job reused, when the trials had not changed.
+    pub summary_reused_from: Option<String>,
 }
 
 /// One stored summary.
@@ -174,6 +179,8 @@ pub struct SummaryRow {
     pub body: String,
     pub trial_count: i64,
     pub fingerprint: String,
+    pub stop_reason: Option<String>,
+    pub reused_from_job: Option<String>,
     pub created_at: DateTime<Utc>,
 }
 
@@ -428,8 +435,9 @@ impl Store {
                 if let Some(summary) = summary {
                     sqlx::query(
                         "INSERT INTO tm_summaries (job_id, mutation, summarizer, model, body, trial_count, fingerprint,
-                             input_tokens, output_tokens, stop_reason, created_at)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                             input_tokens, output_tokens, stop_reason, created_at, prompt_version,
+                             cache_creation_tokens, cache_read_tokens, reused_from_job)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
                     )
                     .bind(job_id)
                     .bind(&state.mutation)
@@ -438,10 +446,14 @@ impl Store {
                     .bind(&summary.markdown)
                     .bind(state.trials.len() as i64)
                     .bind(state.fingerprint.as_deref().unwrap_or_default())
-                    .bind(summary.input_tokens)
-                    .bind(summary.output_tokens)
+                    .bind(summary.usage.input)
+                    .bind(summary.usage.output)
                     .bind(&summary.stop_reason)
                     .bind(now)
+                    .bind(&summary.prompt_version)
+                    .bind(summary.usage.cache_creation)
+                    .bind(summary.usage.cache_read)
+                    .bind(&summary.reused_from_job)
                     .execute(&mut *tx)
                     .await?;
                 }
@@ -546,9 +558,11 @@ impl Store {
     /// The jobs of a batch, in the order the mutations were given.
     pub async fn batch_jobs(&self, batch_id: &str) -> Result<Vec<JobRow>, DbError> {
         let rows = with_pool!(self, pool => sqlx::query_as::<_, JobRow>(
-            "SELECT id, batch_id, position, mutation, state, attempts, max_attempts, last_error, trials_found,
-                    total_count, created_at, started_at, finished_at, next_attempt_at
-             FROM tm_jobs WHERE batch_id = $1 ORDER BY position",
+            "SELECT j.id, j.batch_id, j.position, j.mutation, j.state, j.attempts, j.max_attempts, j.last_error,
+                    j.trials_found, j.total_count, j.created_at, j.started_at, j.finished_at, j.next_attempt_at,
+                    s.stop_reason AS summary_stop_reason, s.reused_from_job AS summary_reused_from
+             FROM tm_jobs j LEFT JOIN tm_summaries s ON s.job_id = j.id
+             WHERE j.batch_id = $1 ORDER BY j.position",
         )
         .bind(batch_id)
         .fetch_all(pool)
@@ -559,7 +573,8 @@ impl Store {
     /// The newest summary of a mutation (compared without regard to case).
     pub async fn latest_summary(&self, mutation: &str) -> Result<Option<SummaryRow>, DbError> {
         let row = with_pool!(self, pool => sqlx::query_as::<_, SummaryRow>(
-            "SELECT job_id, mutation, summarizer, model, body, trial_count, fingerprint, created_at
+            "SELECT job_id, mutation, summarizer, model, body, trial_count, fingerprint, stop_reason,
+                    reused_from_job, created_at
              FROM tm_summaries WHERE lower(mutation) = lower($1)
              ORDER BY created_at DESC, id DESC LIMIT 1",
         )
@@ -569,10 +584,47 @@ impl Store {
         Ok(row)
     }
 
+    /// The newest summary of `mutation` made by this summarizer, model and prompt version, if its
+    /// trial fingerprint is `fingerprint`: it can be reused instead of summarizing again.
+    pub async fn reusable_summary(
+        &self,
+        mutation: &str,
+        summarizer: &dyn Summarizer,
+        fingerprint: &str,
+    ) -> Result<Option<Summary>, DbError> {
+        type Row = (String, String, String, Option<String>, Option<String>);
+        let model = summarizer.model();
+        let newest: Option<Row> = with_pool!(self, pool => sqlx::query_as(
+            "SELECT COALESCE(reused_from_job, job_id), body, fingerprint, model, stop_reason
+             FROM tm_summaries
+             WHERE lower(mutation) = lower($1) AND summarizer = $2 AND prompt_version = $3
+               AND (model = $4 OR (model IS NULL AND $4 IS NULL))
+             ORDER BY created_at DESC, id DESC LIMIT 1",
+        )
+        .bind(mutation)
+        .bind(summarizer.name())
+        .bind(summarizer.prompt_version())
+        .bind(model)
+        .fetch_optional(pool)
+        .await?);
+        Ok(newest
+            .filter(|(_, _, stored, _, _)| stored == fingerprint)
+            .map(|(source_job, body, _, model, stop_reason)| Summary {
+                markdown: body,
+                summarizer: summarizer.name().to_owned(),
+                model,
+                prompt_version: summarizer.prompt_version().to_owned(),
+                usage: TokenUsage::default(),
+                stop_reason,
+                reused_from_job: Some(source_job),
+            }))
+    }
+
     /// The summary a job stored.
     pub async fn job_summary(&self, job_id: &str) -> Result<Option<SummaryRow>, DbError> {
         let row = with_pool!(self, pool => sqlx::query_as::<_, SummaryRow>(
-            "SELECT job_id, mutation, summarizer, model, body, trial_count, fingerprint, created_at
+            "SELECT job_id, mutation, summarizer, model, body, trial_count, fingerprint, stop_reason,
+                    reused_from_job, created_at
              FROM tm_summaries WHERE job_id = $1",
         )
         .bind(job_id)

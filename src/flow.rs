@@ -110,7 +110,8 @@ pub trait Node: Send + Sync {
 
     fn name(&self) -> &'static str;
 
-    fn prep(&self, state: &JobState) -> Self::Prep;
+    /// Reads what `exec` needs: from the state, or from storage (not retried).
+    fn prep(&self, state: &JobState) -> impl Future<Output = Result<Self::Prep, NodeError>> + Send;
 
     /// The I/O. Called again on a retryable error, with the same `prep`.
     fn exec(
@@ -135,7 +136,7 @@ pub async fn run_node<N: Node>(
     state: &mut JobState,
     retry: NodeRetry,
 ) -> Result<Action, NodeError> {
-    let prep = node.prep(state);
+    let prep = node.prep(state).await?;
     let mut attempt = 1;
     loop {
         let started_at = Utc::now();
@@ -185,8 +186,8 @@ mod tests {
         fn name(&self) -> &'static str {
             "flaky"
         }
-        fn prep(&self, state: &JobState) -> String {
-            state.mutation.clone()
+        async fn prep(&self, state: &JobState) -> Result<String, NodeError> {
+            Ok(state.mutation.clone())
         }
         async fn exec(&self, _prep: &String, _log: &mut ExecLog) -> Result<u32, NodeError> {
             let call = self.calls.fetch_add(1, Ordering::SeqCst) + 1;

@@ -7,6 +7,7 @@
 //! - [`queue`]: the apalis queue, its delivery payload and the workarounds for apalis's rough edges.
 //! - [`http`]: pooled clients, failure classification, `Retry-After` and backoff.
 //! - [`ctgov`]: the ClinicalTrials.gov API v2 model, parser and paging client.
+//! - [`anthropic`]: the Claude summarizer: prompt building, Messages API types and client.
 //! - [`summarize`]: the `Summarizer` trait, the offline summarizer and trial-set fingerprints.
 //! - [`flow`]: the PocketFlow-style node engine (prep / exec / post, retries, metrics).
 //! - [`nodes`]: QueryTrialsNode, SummarizeTrialsNode and the flow that chains them.
@@ -14,6 +15,7 @@
 //! - [`report`]: status tables and summaries for people.
 //! - [`cli`]: the command line.
 
+pub mod anthropic;
 pub mod cli;
 pub mod config;
 pub mod ctgov;

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use crate::ctgov::{CtgovClient, SearchResult, Trial};
+use crate::db::Store;
 use crate::flow::{Action, ExecLog, JobState, Node, NodeError, NodeRetry, run_node};
 use crate::summarize::{Summarizer, Summary, SummaryInput, fingerprint, no_trials_markdown};
 
@@ -20,8 +21,8 @@ impl Node for QueryTrialsNode {
         "query_trials"
     }
 
-    fn prep(&self, state: &JobState) -> String {
-        state.mutation.clone()
+    async fn prep(&self, state: &JobState) -> Result<String, NodeError> {
+        Ok(state.mutation.clone())
     }
 
     async fn exec(&self, mutation: &String, log: &mut ExecLog) -> Result<SearchResult, NodeError> {
@@ -29,23 +30,26 @@ impl Node for QueryTrialsNode {
     }
 
     fn post(&self, state: &mut JobState, _prep: String, found: SearchResult) -> Action {
-        state.fingerprint = Some(fingerprint(&found.trials));
+        state.fingerprint = Some(fingerprint(&found.trials, found.total_count));
         state.trials = found.trials;
         state.total_count = found.total_count;
         Action::Continue
     }
 }
 
-/// Writes the summary of the trials found.
+/// Writes the summary of the trials found, or reuses the last one when the trials have not changed.
 pub struct SummarizeTrialsNode {
     pub summarizer: Arc<dyn Summarizer>,
+    /// Where earlier summaries are looked up; `None` always summarizes (`--force-summarize`).
+    pub reuse_from: Option<Store>,
 }
 
-/// What the summarizer needs, copied out of the state.
+/// What the summarizer needs, copied out of the state, and an earlier summary to reuse if any.
 pub struct SummarizePrep {
     mutation: String,
     trials: Vec<Trial>,
     total_count: Option<u64>,
+    reusable: Option<Summary>,
 }
 
 impl Node for SummarizeTrialsNode {
@@ -56,25 +60,38 @@ impl Node for SummarizeTrialsNode {
         "summarize_trials"
     }
 
-    fn prep(&self, state: &JobState) -> SummarizePrep {
-        SummarizePrep {
+    async fn prep(&self, state: &JobState) -> Result<SummarizePrep, NodeError> {
+        let reusable = match (&self.reuse_from, &state.fingerprint) {
+            (Some(store), Some(fingerprint)) if !state.trials.is_empty() => store
+                .reusable_summary(&state.mutation, self.summarizer.as_ref(), fingerprint)
+                .await
+                .map_err(|e| {
+                    NodeError::retryable(format!("looking up an earlier summary failed: {e}"))
+                })?,
+            _ => None,
+        };
+        Ok(SummarizePrep {
             mutation: state.mutation.clone(),
             trials: state.trials.clone(),
             total_count: state.total_count,
-        }
+            reusable,
+        })
     }
 
     async fn exec(&self, prep: &SummarizePrep, _log: &mut ExecLog) -> Result<Summary, NodeError> {
+        if let Some(summary) = &prep.reusable {
+            tracing::info!(
+                reused_from_job = summary.reused_from_job.as_deref(),
+                "trials unchanged: summary reused"
+            );
+            return Ok(summary.clone());
+        }
         if prep.trials.is_empty() {
             // Nothing to summarise: no model call, the same text for every summarizer.
-            return Ok(Summary {
-                markdown: no_trials_markdown(&prep.mutation),
-                summarizer: self.summarizer.name().to_owned(),
-                model: None,
-                input_tokens: None,
-                output_tokens: None,
-                stop_reason: None,
-            });
+            return Ok(Summary::without_call(
+                no_trials_markdown(&prep.mutation),
+                self.summarizer.as_ref(),
+            ));
         }
         let input = SummaryInput {
             mutation: &prep.mutation,

@@ -89,6 +89,21 @@ pub fn format_elapsed(start: Option<DateTime<Utc>>, end: Option<DateTime<Utc>>) 
     }
 }
 
+/// How a job's summary came about: `new`, `reused` (trials unchanged), `cut` (the model hit
+/// `max_tokens`), or `–` when there is none.
+pub fn summary_note(row: &JobRow) -> &'static str {
+    match (
+        &row.summary_reused_from,
+        row.summary_stop_reason.as_deref(),
+        row.state.as_str(),
+    ) {
+        (Some(_), _, _) => "reused",
+        (None, Some("max_tokens"), _) => "cut (max_tokens)",
+        (None, _, "succeeded") => "new",
+        _ => "–",
+    }
+}
+
 /// The per-mutation table: mutation, trials found, state, attempts, time, last error.
 pub fn status_table(rows: &[JobRow]) -> String {
     let mut table = Table::new();
@@ -115,6 +130,7 @@ pub fn status_table(rows: &[JobRow]) -> String {
             row.state.clone(),
             format!("{}/{}", row.attempts, row.max_attempts),
             format_elapsed(row.started_at, row.finished_at),
+            summary_note(row).to_owned(),
             row.last_error
                 .as_deref()
                 .map(|e| excerpt(e, 120))
@@ -145,6 +161,8 @@ mod tests {
             started_at: Some(t),
             finished_at: Some(t + chrono::Duration::milliseconds(1_500)),
             next_attempt_at: None,
+            summary_stop_reason: None,
+            summary_reused_from: None,
         }
     }
 
@@ -173,5 +191,11 @@ mod tests {
             "{table}"
         );
         assert!(table.contains("HTTP 400"), "{table}");
+        let mut cut = row("EGFR L858R", "succeeded");
+        cut.summary_stop_reason = Some("max_tokens".into());
+        assert_eq!(summary_note(&cut), "cut (max_tokens)");
+        cut.summary_reused_from = Some("01J".into());
+        assert_eq!(summary_note(&cut), "reused");
+        assert_eq!(summary_note(&row("KRAS G12C", "failed")), "–");
     }
 }

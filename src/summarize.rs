@@ -20,26 +20,68 @@ pub struct SummaryInput<'a> {
     pub total_count: Option<u64>,
 }
 
+/// Tokens a model call used, as the API reports them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TokenUsage {
+    pub input: Option<i64>,
+    pub output: Option<i64>,
+    pub cache_creation: Option<i64>,
+    pub cache_read: Option<i64>,
+}
+
 /// A finished summary and how it was made.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Summary {
     pub markdown: String,
     pub summarizer: String,
     pub model: Option<String>,
-    pub input_tokens: Option<i64>,
-    pub output_tokens: Option<i64>,
+    /// Which prompt (or offline format) made it; a summary is reused only under the same version.
+    pub prompt_version: String,
+    pub usage: TokenUsage,
+    /// The model's `stop_reason`; `max_tokens` means the text was cut.
     pub stop_reason: Option<String>,
+    /// Set when the summary of an earlier job was reused because the trials had not changed.
+    pub reused_from_job: Option<String>,
+}
+
+impl Summary {
+    /// A summary made by `summarizer` without a model call.
+    pub fn without_call(markdown: String, summarizer: &dyn Summarizer) -> Self {
+        Self {
+            markdown,
+            summarizer: summarizer.name().to_owned(),
+            model: summarizer.model().map(str::to_owned),
+            prompt_version: summarizer.prompt_version().to_owned(),
+            usage: TokenUsage::default(),
+            stop_reason: None,
+            reused_from_job: None,
+        }
+    }
+
+    /// Whether the model stopped at `max_tokens`, leaving the text cut short.
+    pub fn was_cut(&self) -> bool {
+        self.stop_reason.as_deref() == Some("max_tokens")
+    }
 }
 
 /// Turns a mutation's trials into markdown. Implementations do their I/O in `summarize` only.
 pub trait Summarizer: Send + Sync {
     /// Stored with each summary, e.g. `offline` or `anthropic`.
     fn name(&self) -> &'static str;
+    /// The model, for summarizers that call one.
+    fn model(&self) -> Option<&str> {
+        None
+    }
+    /// Changes whenever the output for the same trials would change (prompt, format).
+    fn prompt_version(&self) -> &str;
     fn summarize<'a>(
         &'a self,
         input: SummaryInput<'a>,
     ) -> BoxFuture<'a, Result<Summary, NodeError>>;
 }
+
+/// Version of the offline format: bump it when `offline_markdown` changes its output.
+pub const OFFLINE_FORMAT_VERSION: &str = "offline-1";
 
 /// The built-in summarizer: deterministic markdown from the trial fields.
 #[derive(Debug, Clone, Copy, Default)]
@@ -50,20 +92,15 @@ impl Summarizer for OfflineSummarizer {
         "offline"
     }
 
+    fn prompt_version(&self) -> &str {
+        OFFLINE_FORMAT_VERSION
+    }
+
     fn summarize<'a>(
         &'a self,
         input: SummaryInput<'a>,
     ) -> BoxFuture<'a, Result<Summary, NodeError>> {
-        Box::pin(async move {
-            Ok(Summary {
-                markdown: offline_markdown(&input),
-                summarizer: self.name().to_owned(),
-                model: None,
-                input_tokens: None,
-                output_tokens: None,
-                stop_reason: None,
-            })
-        })
+        Box::pin(async move { Ok(Summary::without_call(offline_markdown(&input), self)) })
     }
 }
 
@@ -86,7 +123,7 @@ impl PhaseGroup {
             .phases
             .iter()
             .filter_map(|p| Self::parse(p))
-            .max_by_key(|g| g.rank())
+            .max_by_key(|g| g.advancement())
             .unwrap_or(Self::Unknown)
     }
 
@@ -102,8 +139,8 @@ impl PhaseGroup {
         })
     }
 
-    /// How advanced: N/A ranks below every real phase, so it only wins alone.
-    fn rank(self) -> u8 {
+    /// How advanced: unknown lowest, then N/A (below every real phase, so it only wins alone).
+    pub fn advancement(self) -> u8 {
         match self {
             Self::Unknown => 0,
             Self::NotApplicable => 1,
@@ -262,8 +299,9 @@ fn write_trial(md: &mut String, trial: &Trial) {
     }
 }
 
-/// A content fingerprint of a trial set: SHA-256 over the summarised fields, independent of order.
-pub fn fingerprint(trials: &[Trial]) -> String {
+/// A content fingerprint of a trial set: SHA-256 over the summarised fields and the reported total,
+/// independent of the trials' order. Equal fingerprints mean a summary can be reused.
+pub fn fingerprint(trials: &[Trial], total_count: Option<u64>) -> String {
     let mut lines: Vec<String> = trials
         .iter()
         .map(|t| {
@@ -289,6 +327,7 @@ pub fn fingerprint(trials: &[Trial]) -> String {
         .collect();
     lines.sort_unstable();
     let mut hasher = Sha256::new();
+    hasher.update(format!("total={total_count:?}\n").as_bytes());
     for line in &lines {
         hasher.update(line.as_bytes());
         hasher.update(b"\n");
@@ -395,12 +434,20 @@ mod tests {
         let a = trial("NCT1", "RECRUITING", &["PHASE2"]);
         let b = trial("NCT2", "COMPLETED", &["PHASE3"]);
         assert_eq!(
-            fingerprint(&[a.clone(), b.clone()]),
-            fingerprint(&[b.clone(), a.clone()])
+            fingerprint(&[a.clone(), b.clone()], Some(2)),
+            fingerprint(&[b.clone(), a.clone()], Some(2))
+        );
+        assert_ne!(
+            fingerprint(&[a.clone(), b.clone()], Some(2)),
+            fingerprint(&[a.clone(), b.clone()], Some(3)),
+            "a new total changes the headline"
         );
         let mut changed = b.clone();
         changed.overall_status = Some("TERMINATED".into());
-        assert_ne!(fingerprint(&[a.clone(), b]), fingerprint(&[a, changed]));
+        assert_ne!(
+            fingerprint(&[a.clone(), b], None),
+            fingerprint(&[a, changed], None)
+        );
     }
 
     #[test]

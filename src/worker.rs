@@ -16,6 +16,7 @@ use chrono::Utc;
 use futures::FutureExt;
 use tracing::Instrument;
 
+use crate::anthropic::{AnthropicSettings, AnthropicSummarizer, PromptLimits};
 use crate::config::{Config, SummarizerKind};
 use crate::ctgov::{CtgovClient, CtgovSettings};
 use crate::db::{AfterFailure, Claim, DbError, Store};
@@ -41,8 +42,6 @@ pub enum WorkerError {
     },
     #[error("invalid URL in {field}: {reason}")]
     Url { field: &'static str, reason: String },
-    #[error("the anthropic summarizer is not available yet; use --summarizer offline")]
-    SummarizerUnavailable,
     #[error("the queue worker stopped with an error: {0}")]
     Queue(String),
     #[error(transparent)]
@@ -76,50 +75,90 @@ impl App {
     /// Builds the clients and the flow from the configuration.
     pub fn new(config: &Config, store: Store) -> Result<Self, WorkerError> {
         let ctgov = &config.ctgov;
-        let http = http::build_client(&ClientSettings {
-            connect_timeout: Duration::from_millis(ctgov.connect_timeout_ms),
-            request_timeout: Duration::from_millis(ctgov.request_timeout_ms),
-            pool_idle_timeout: Duration::from_millis(ctgov.pool_idle_timeout_ms),
-            pool_max_idle_per_host: ctgov.pool_max_idle_per_host,
-        })
-        .map_err(|source| WorkerError::HttpClient {
-            service: crate::ctgov::SERVICE,
-            source,
-        })?;
-        let base_url = url::Url::parse(&ctgov.base_url).map_err(|e| WorkerError::Url {
-            field: "ctgov.base_url",
-            reason: e.to_string(),
-        })?;
-        let request_backoff = Backoff {
+        let ctgov_backoff = Backoff {
             base: Duration::from_millis(ctgov.backoff_base_ms),
             max: Duration::from_millis(ctgov.backoff_max_ms),
         };
         let client = CtgovClient::new(
-            http,
+            service_client(
+                crate::ctgov::SERVICE,
+                ClientSettings {
+                    connect_timeout: Duration::from_millis(ctgov.connect_timeout_ms),
+                    request_timeout: Duration::from_millis(ctgov.request_timeout_ms),
+                    pool_idle_timeout: Duration::from_millis(ctgov.pool_idle_timeout_ms),
+                    pool_max_idle_per_host: ctgov.pool_max_idle_per_host,
+                },
+            )?,
             CtgovSettings {
-                base_url,
+                base_url: parse_url("ctgov.base_url", &ctgov.base_url)?,
                 page_size: ctgov.page_size,
                 max_trials: ctgov.max_trials,
-                max_retry_after: request_backoff.max,
+                max_retry_after: ctgov_backoff.max,
             },
         );
-        let summarizer: Arc<dyn Summarizer> = match config.effective_summarizer() {
-            SummarizerKind::Offline => Arc::new(OfflineSummarizer),
-            SummarizerKind::Anthropic => return Err(WorkerError::SummarizerUnavailable),
+        let anthropic = &config.anthropic;
+        let anthropic_backoff = Backoff {
+            base: Duration::from_millis(anthropic.backoff_base_ms),
+            max: Duration::from_millis(anthropic.backoff_max_ms),
         };
-        let retry = NodeRetry {
-            max_attempts: ctgov.max_request_attempts,
-            backoff: request_backoff,
-        };
+        let (summarizer, summarize_retry): (Arc<dyn Summarizer>, NodeRetry) =
+            match (config.effective_summarizer(), &anthropic.api_key) {
+                (SummarizerKind::Anthropic, Some(key)) => {
+                    let http = service_client(
+                        crate::anthropic::SERVICE,
+                        ClientSettings {
+                            connect_timeout: Duration::from_millis(anthropic.connect_timeout_ms),
+                            request_timeout: Duration::from_millis(anthropic.request_timeout_ms),
+                            pool_idle_timeout: Duration::from_millis(
+                                anthropic.pool_idle_timeout_ms,
+                            ),
+                            pool_max_idle_per_host: anthropic.pool_max_idle_per_host,
+                        },
+                    )?;
+                    let settings = AnthropicSettings {
+                        base_url: parse_url("anthropic.base_url", &anthropic.base_url)?,
+                        model: anthropic.model.clone(),
+                        max_tokens: anthropic.max_tokens,
+                        temperature: anthropic.temperature,
+                        limits: PromptLimits {
+                            max_trials: anthropic.max_prompt_trials,
+                            max_chars: anthropic.max_prompt_chars,
+                        },
+                        max_retry_after: anthropic_backoff.max,
+                    };
+                    let retry = NodeRetry {
+                        max_attempts: anthropic.max_request_attempts,
+                        backoff: anthropic_backoff,
+                    };
+                    (
+                        Arc::new(AnthropicSummarizer::new(http, key.clone(), settings)),
+                        retry,
+                    )
+                }
+                // `Config::validate` refuses `anthropic` without a key.
+                _ => (
+                    Arc::new(OfflineSummarizer),
+                    NodeRetry {
+                        max_attempts: 1,
+                        backoff: ctgov_backoff,
+                    },
+                ),
+            };
         let worker = &config.worker;
         Ok(Self {
-            store,
             flow: MutationFlow {
                 query: QueryTrialsNode { client },
-                summarize: SummarizeTrialsNode { summarizer },
-                query_retry: retry,
-                summarize_retry: retry,
+                summarize: SummarizeTrialsNode {
+                    summarizer,
+                    reuse_from: (!config.force_summarize).then(|| store.clone()),
+                },
+                query_retry: NodeRetry {
+                    max_attempts: ctgov.max_request_attempts,
+                    backoff: ctgov_backoff,
+                },
+                summarize_retry,
             },
+            store,
             worker_name: format!("trialmatch-{}-{}", std::process::id(), ulid::Ulid::new()),
             job_timeout: worker.job_timeout(),
             job_backoff: Backoff {
@@ -237,6 +276,20 @@ impl App {
         }
         Ok(outcome)
     }
+}
+
+fn service_client(
+    service: &'static str,
+    settings: ClientSettings,
+) -> Result<reqwest::Client, WorkerError> {
+    http::build_client(&settings).map_err(|source| WorkerError::HttpClient { service, source })
+}
+
+fn parse_url(field: &'static str, value: &str) -> Result<url::Url, WorkerError> {
+    url::Url::parse(value).map_err(|e| WorkerError::Url {
+        field,
+        reason: e.to_string(),
+    })
 }
 
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {

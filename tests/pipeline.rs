@@ -321,6 +321,9 @@ impl Summarizer for PanickingSummarizer {
     fn name(&self) -> &'static str {
         "panicking"
     }
+    fn prompt_version(&self) -> &str {
+        "test"
+    }
     fn summarize<'a>(
         &'a self,
         _input: SummaryInput<'a>,
