@@ -67,6 +67,8 @@ pub fn studies_for(term: &str, count: usize) -> Vec<Value> {
 #[derive(Clone)]
 pub struct FakeStudies {
     pub counts: Arc<HashMap<String, usize>>,
+    /// Overall status of a term's first study, replacing the generated one.
+    pub first_status: Arc<HashMap<String, String>>,
     pub default_count: usize,
     /// Added to every response, like a real upstream's latency.
     pub latency: std::time::Duration,
@@ -76,6 +78,7 @@ impl FakeStudies {
     pub fn new(default_count: usize) -> Self {
         Self {
             counts: Arc::new(HashMap::new()),
+            first_status: Arc::new(HashMap::new()),
             default_count,
             latency: std::time::Duration::ZERO,
         }
@@ -83,6 +86,11 @@ impl FakeStudies {
 
     pub fn with_latency(mut self, latency: std::time::Duration) -> Self {
         self.latency = latency;
+        self
+    }
+
+    pub fn with_first_status(mut self, term: &str, status: &str) -> Self {
+        Arc::make_mut(&mut self.first_status).insert(term.to_owned(), status.to_owned());
         self
     }
 
@@ -110,7 +118,10 @@ impl Respond for FakeStudies {
             None => 0,
         };
         let count = self.counts.get(term).copied().unwrap_or(self.default_count);
-        let all = studies_for(term, count);
+        let mut all = studies_for(term, count);
+        if let (Some(status), Some(first)) = (self.first_status.get(term), all.first_mut()) {
+            first["protocolSection"]["statusModule"]["overallStatus"] = json!(status);
+        }
         let page: Vec<Value> = all.iter().skip(offset).take(page_size).cloned().collect();
         let mut body = json!({ "studies": page });
         if offset == 0 && query.get("countTotal").map(String::as_str) == Some("true") {
