@@ -7,6 +7,7 @@
 //! error text and never logged or stored.
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -19,6 +20,7 @@ use crate::config::expose;
 use crate::ctgov::Trial;
 use crate::flow::NodeError;
 use crate::http::{self, UpstreamError};
+use crate::resilience::ServiceGuard;
 use crate::summarize::{PhaseGroup, Summarizer, Summary, SummaryInput, TokenUsage, status_label};
 
 /// Name used in errors, logs and metrics.
@@ -247,19 +249,26 @@ pub struct AnthropicSettings {
 /// Summaries by Claude.
 pub struct AnthropicSummarizer {
     http: reqwest::Client,
+    guard: Arc<ServiceGuard>,
     api_key: SecretString,
     settings: AnthropicSettings,
     prompt_version: String,
 }
 
 impl AnthropicSummarizer {
-    pub fn new(http: reqwest::Client, api_key: SecretString, settings: AnthropicSettings) -> Self {
+    pub fn new(
+        http: reqwest::Client,
+        guard: Arc<ServiceGuard>,
+        api_key: SecretString,
+        settings: AnthropicSettings,
+    ) -> Self {
         let prompt_version = format!(
             "{PROMPT_VERSION}:{}",
             prompt_hash(&settings.model, settings.max_tokens)
         );
         Self {
             http,
+            guard,
             api_key,
             settings,
             prompt_version,
@@ -376,7 +385,7 @@ impl Summarizer for AnthropicSummarizer {
         input: SummaryInput<'a>,
     ) -> BoxFuture<'a, Result<Summary, NodeError>> {
         Box::pin(async move {
-            self.call(input).await.map_err(|mut e| {
+            self.guard.run(self.call(input)).await.map_err(|mut e| {
                 e.message = self.scrub(e.message);
                 NodeError::from(e)
             })

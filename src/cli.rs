@@ -17,7 +17,7 @@ use crate::config::{Config, Overrides, SummarizerKind, WorkerOverrides};
 use crate::db::{NewBatch, Store};
 use crate::input::{self, InputError};
 use crate::report::{self, Counts};
-use crate::worker::{self, App};
+use crate::worker::{self, App, Drain};
 
 /// Match genetic mutations to clinical trials, nightly, durably.
 #[derive(Debug, Parser)]
@@ -206,6 +206,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     store.clone(),
                     None,
                     config.worker.poll_interval().max(Duration::from_millis(50)),
+                    Drain::UntilOnlyDeferredLeft,
                 )
             });
             let stop = async move {
@@ -217,14 +218,21 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             };
             worker::run_worker(app, stop).await?;
-            let left = store.unfinished_jobs(None).await?;
+            let backlog = store.backlog(None).await?;
+            let deferred = report_deferred(&store, None).await?;
             store.close().await;
-            if left > 0 {
+            let others = backlog.unfinished - deferred as i64;
+            if others > 0 {
                 eprintln!(
-                    "stopped with {left} job(s) not finished; they stay in the queue for the next worker"
+                    "stopped with {others} job(s) not finished; they stay in the queue for the next worker"
                 );
             }
-            Ok(ExitCode::SUCCESS)
+            // A drain that ends with jobs still waiting on an outage did not do its work.
+            Ok(if drain && deferred > 0 {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Command::Run {
             mutations,
@@ -285,7 +293,12 @@ async fn run(
         progress.clone(),
     ));
     let poll = config.worker.poll_interval().max(Duration::from_millis(50));
-    let drained = worker::until_drained(store.clone(), Some(batch_id.clone()), poll);
+    let drained = worker::until_drained(
+        store.clone(),
+        Some(batch_id.clone()),
+        poll,
+        Drain::UntilOnlyDeferredLeft,
+    );
     let stop = async move {
         tokio::select! { _ = drained => {}, _ = worker::shutdown_signal() => {} }
     };
@@ -305,15 +318,40 @@ async fn run(
     let counts = Counts::of(&rows);
     println!("batch {batch_id}: {}", counts.line());
     println!("{}", report::status_table(&rows));
+    let deferred = report_deferred(&store, Some(&batch_id)).await?;
     store.close().await;
     if counts.all_succeeded() {
         Ok(ExitCode::SUCCESS)
     } else {
-        if counts.finished() < counts.total() {
+        if counts.finished() + deferred < counts.total() {
             eprintln!("interrupted: run `trialmatch work --drain` to finish the rest of the batch");
         }
         Ok(ExitCode::from(1))
     }
+}
+
+/// Says which jobs wait on an open circuit breaker, and why; returns how many.
+async fn report_deferred(store: &Store, batch_id: Option<&str>) -> anyhow::Result<usize> {
+    let deferred = store.deferred_jobs(batch_id).await?;
+    if !deferred.is_empty() {
+        eprintln!(
+            "{} job(s) wait because an upstream service refuses calls; they stay queued and run when it recovers \
+             (`trialmatch work` keeps trying):",
+            deferred.len()
+        );
+        for job in &deferred {
+            let next = job
+                .next_attempt_at
+                .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+                .unwrap_or_default();
+            eprintln!(
+                "  {}: {} (next try {next})",
+                job.mutation,
+                job.reason.as_deref().unwrap_or("deferred")
+            );
+        }
+    }
+    Ok(deferred.len())
 }
 
 fn progress_bar(total: u64) -> ProgressBar {

@@ -13,6 +13,8 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize, Serializer};
 use url::Url;
 
+use crate::resilience::{BreakerSettings, GuardSettings};
+
 /// Default database: an SQLite file in the current directory, created on first use.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://trialmatch.db";
 /// Default ClinicalTrials.gov API v2 base.
@@ -78,6 +80,14 @@ pub struct CtgovConfig {
     pub backoff_base_ms: u64,
     /// Longest wait between two requests, also the cap on `Retry-After`. Defaults to 30,000 ms.
     pub backoff_max_ms: u64,
+    /// Requests in flight at once, across all jobs of a process. Defaults to 8.
+    pub max_in_flight: usize,
+    /// Requests a minute from one process, spread evenly; 0 = no limit. Defaults to 50 (the commonly quoted polite budget).
+    pub rate_limit_per_minute: u32,
+    /// Consecutive failed calls that open the circuit breaker. Defaults to 5.
+    pub breaker_failure_threshold: u32,
+    /// How long an open breaker refuses calls before one probe. Defaults to 30,000 ms.
+    pub breaker_cooldown_ms: u64,
 }
 
 /// Anthropic Messages API settings.
@@ -110,6 +120,14 @@ pub struct AnthropicConfig {
     pub max_prompt_trials: usize,
     /// Most characters of trial listing put in one prompt. Defaults to 60,000.
     pub max_prompt_chars: usize,
+    /// Requests in flight at once, across all jobs of a process. Defaults to 8.
+    pub max_in_flight: usize,
+    /// Requests a minute from one process, spread evenly; 0 = no limit. Defaults to 50 (Anthropic's lowest tier).
+    pub rate_limit_per_minute: u32,
+    /// Consecutive failed calls that open the circuit breaker. Defaults to 5.
+    pub breaker_failure_threshold: u32,
+    /// How long an open breaker refuses calls before one probe. Defaults to 30,000 ms.
+    pub breaker_cooldown_ms: u64,
     /// The key; from `ANTHROPIC_API_KEY`. Never printed.
     #[serde(serialize_with = "serialize_secret")]
     pub api_key: Option<SecretString>,
@@ -134,6 +152,9 @@ pub struct WorkerConfig {
     /// Heartbeat of a worker; a worker silent for three beats is presumed dead and its jobs return
     /// to the queue. At least 1,000 ms. Defaults to 10,000 ms.
     pub heartbeat_ms: u64,
+    /// Longest a job may keep being deferred by an open circuit breaker before it fails.
+    /// Defaults to 86,400,000 ms (24 h).
+    pub max_defer_age_ms: u64,
 }
 
 impl Default for Config {
@@ -162,6 +183,10 @@ impl Default for CtgovConfig {
             max_request_attempts: 4,
             backoff_base_ms: 500,
             backoff_max_ms: 30_000,
+            max_in_flight: 8,
+            rate_limit_per_minute: 50,
+            breaker_failure_threshold: 5,
+            breaker_cooldown_ms: 30_000,
         }
     }
 }
@@ -182,6 +207,10 @@ impl Default for AnthropicConfig {
             backoff_max_ms: 60_000,
             max_prompt_trials: 50,
             max_prompt_chars: 60_000,
+            max_in_flight: 8,
+            rate_limit_per_minute: 50,
+            breaker_failure_threshold: 5,
+            breaker_cooldown_ms: 30_000,
             api_key: None,
         }
     }
@@ -197,6 +226,7 @@ impl Default for WorkerConfig {
             retry_base_ms: 5_000,
             retry_max_ms: 600_000,
             heartbeat_ms: 10_000,
+            max_defer_age_ms: 86_400_000,
         }
     }
 }
@@ -288,7 +318,7 @@ impl Config {
         }
         check_http_url("ctgov.base_url", &self.ctgov.base_url)?;
         check_http_url("anthropic.base_url", &self.anthropic.base_url)?;
-        let positive: [(&'static str, u64); 13] = [
+        let positive: &[(&'static str, u64)] = &[
             ("worker.concurrency", self.worker.concurrency as u64),
             ("worker.max_attempts", self.worker.max_attempts.into()),
             ("worker.poll_interval_ms", self.worker.poll_interval_ms),
@@ -315,7 +345,7 @@ impl Config {
                 self.anthropic.request_timeout_ms,
             ),
         ];
-        for (field, value) in positive {
+        for &(field, value) in positive {
             if value == 0 {
                 return Err(invalid(field, "must be at least 1"));
             }
@@ -409,6 +439,44 @@ impl Config {
     }
 }
 
+impl CtgovConfig {
+    pub fn guard(&self) -> GuardSettings {
+        guard_settings(
+            self.max_in_flight,
+            self.rate_limit_per_minute,
+            self.breaker_failure_threshold,
+            self.breaker_cooldown_ms,
+        )
+    }
+}
+
+impl AnthropicConfig {
+    pub fn guard(&self) -> GuardSettings {
+        guard_settings(
+            self.max_in_flight,
+            self.rate_limit_per_minute,
+            self.breaker_failure_threshold,
+            self.breaker_cooldown_ms,
+        )
+    }
+}
+
+fn guard_settings(
+    max_in_flight: usize,
+    per_minute: u32,
+    threshold: u32,
+    cooldown_ms: u64,
+) -> GuardSettings {
+    GuardSettings {
+        max_in_flight,
+        per_minute,
+        breaker: BreakerSettings {
+            failure_threshold: threshold,
+            cooldown: Duration::from_millis(cooldown_ms),
+        },
+    }
+}
+
 impl WorkerConfig {
     pub fn poll_interval(&self) -> Duration {
         Duration::from_millis(self.poll_interval_ms)
@@ -418,6 +486,9 @@ impl WorkerConfig {
     }
     pub fn heartbeat(&self) -> Duration {
         Duration::from_millis(self.heartbeat_ms)
+    }
+    pub fn max_defer_age(&self) -> Duration {
+        Duration::from_millis(self.max_defer_age_ms)
     }
 }
 

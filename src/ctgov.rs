@@ -4,6 +4,7 @@
 //! `countTotal=true` and `pageToken` paging, until `max_trials` studies or the last page.
 //! Every page it receives is handed back, good or bad, so the caller can store it for replay.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -12,6 +13,7 @@ use serde_json::value::RawValue;
 use url::Url;
 
 use crate::http::{self, UpstreamError};
+use crate::resilience::ServiceGuard;
 
 /// Name used in errors, logs and metrics.
 pub const SERVICE: &str = "clinicaltrials.gov";
@@ -261,16 +263,21 @@ pub struct CtgovSettings {
     pub max_retry_after: Duration,
 }
 
-/// The ClinicalTrials.gov client; cheap to clone, one connection pool.
+/// The ClinicalTrials.gov client; cheap to clone, one connection pool and one [`ServiceGuard`].
 #[derive(Debug, Clone)]
 pub struct CtgovClient {
     http: reqwest::Client,
+    guard: Arc<ServiceGuard>,
     settings: CtgovSettings,
 }
 
 impl CtgovClient {
-    pub fn new(http: reqwest::Client, settings: CtgovSettings) -> Self {
-        Self { http, settings }
+    pub fn new(http: reqwest::Client, guard: Arc<ServiceGuard>, settings: CtgovSettings) -> Self {
+        Self {
+            http,
+            guard,
+            settings,
+        }
     }
 
     /// The URL of one page of results for `term`.
@@ -340,7 +347,19 @@ impl CtgovClient {
         Ok(result)
     }
 
+    /// One page, under the service's limits.
     async fn fetch_page(
+        &self,
+        url: Url,
+        page_number: u32,
+        record: &mut Vec<RawPage>,
+    ) -> Result<Page, UpstreamError> {
+        self.guard
+            .run(self.fetch_page_unguarded(url, page_number, record))
+            .await
+    }
+
+    async fn fetch_page_unguarded(
         &self,
         url: Url,
         page_number: u32,

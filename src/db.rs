@@ -128,6 +128,8 @@ pub enum Claim {
         mutation: String,
         attempt: i64,
         max_attempts: i64,
+        /// When an open circuit breaker first deferred the job, if it is being deferred.
+        deferred_since: Option<DateTime<Utc>>,
     },
     /// The delivery is outdated or the job is finished: acknowledge it and do nothing.
     Stale,
@@ -167,6 +169,24 @@ pub struct JobRow {
     pub summary_stop_reason: Option<String>,
     /// The job whose summary this job reused, when the trials had not changed.
     pub summary_reused_from: Option<String>,
+    /// Why the job waits, when an open circuit breaker deferred it.
+    pub deferred_reason: Option<String>,
+}
+
+/// Unfinished jobs, and how many of them only wait on an open circuit breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backlog {
+    pub unfinished: i64,
+    pub deferred: i64,
+}
+
+/// A job waiting on an open circuit breaker.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct DeferredJob {
+    pub mutation: String,
+    pub reason: Option<String>,
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    pub deferred_since: Option<DateTime<Utc>>,
 }
 
 /// One stored summary.
@@ -324,14 +344,15 @@ impl Store {
     pub async fn claim(&self, task: &MutationTask, worker: &str) -> Result<Claim, DbError> {
         let now = Utc::now();
         write_tx!(self, tx => {
-            let row: Option<(String, String, i64, i64, i64)> = sqlx::query_as(
-                "SELECT mutation, state, attempts, max_attempts, delivery FROM tm_jobs WHERE id = $1",
+            type Row = (String, String, i64, i64, i64, Option<DateTime<Utc>>);
+            let row: Option<Row> = sqlx::query_as(
+                "SELECT mutation, state, attempts, max_attempts, delivery, deferred_since FROM tm_jobs WHERE id = $1",
             )
             .bind(&task.job_id)
             .fetch_optional(&mut *tx)
             .await?;
             match row {
-                Some((mutation, state, attempts, max_attempts, delivery))
+                Some((mutation, state, attempts, max_attempts, delivery, deferred_since))
                     if delivery == task.delivery && matches!(state.as_str(), "queued" | "retrying" | "running") =>
                 {
                     if attempts >= max_attempts {
@@ -357,7 +378,7 @@ impl Store {
                         .bind(worker)
                         .execute(&mut *tx)
                         .await?;
-                        Claim::Run { mutation, attempt: attempts + 1, max_attempts }
+                        Claim::Run { mutation, attempt: attempts + 1, max_attempts, deferred_since }
                     }
                 }
                 _ => Claim::Stale,
@@ -378,7 +399,7 @@ impl Store {
         write_tx!(self, tx => {
             let updated = sqlx::query(
                 "UPDATE tm_jobs SET state = 'succeeded', finished_at = $3, trials_found = $4, total_count = $5,
-                        last_error = NULL
+                        last_error = NULL, deferred_since = NULL, deferred_reason = NULL
                  WHERE id = $1 AND attempts = $2 AND state = 'running'",
             )
             .bind(job_id)
@@ -483,7 +504,8 @@ impl Store {
         write_tx!(self, tx => {
             let row: Option<(i64, i64)> = sqlx::query_as(
                 "UPDATE tm_jobs SET state = $3, last_error = $4, next_attempt_at = $5, finished_at = $6,
-                        delivery = delivery + (CASE WHEN $3 = 'retrying' THEN 1 ELSE 0 END)
+                        delivery = delivery + (CASE WHEN $3 = 'retrying' THEN 1 ELSE 0 END),
+                        deferred_since = NULL, deferred_reason = NULL
                  WHERE id = $1 AND attempts = $2 AND state = 'running'
                  RETURNING delivery, max_attempts",
             )
@@ -510,16 +532,74 @@ impl Store {
         })
     }
 
-    /// Jobs not yet finished (queued, running or waiting to retry), in one batch or in all.
-    pub async fn unfinished_jobs(&self, batch_id: Option<&str>) -> Result<i64, DbError> {
-        let count: i64 = with_pool!(self, pool => sqlx::query_scalar(
-            "SELECT COUNT(*) FROM tm_jobs WHERE state IN ('queued', 'running', 'retrying')
+    /// Puts a job back in the queue because its service refuses calls (open circuit breaker),
+    /// giving back the attempt this run used. Returns false when the run is no longer current.
+    pub async fn record_deferral(
+        &self,
+        job_id: &str,
+        attempt: i64,
+        reason: &str,
+        at: DateTime<Utc>,
+        state: &JobState,
+    ) -> Result<bool, DbError> {
+        let now = Utc::now();
+        write_tx!(self, tx => {
+            let row: Option<(i64, i64)> = sqlx::query_as(
+                "UPDATE tm_jobs SET state = 'retrying', attempts = attempts - 1, next_attempt_at = $4,
+                        deferred_since = COALESCE(deferred_since, $5), deferred_reason = $3,
+                        delivery = delivery + 1
+                 WHERE id = $1 AND attempts = $2 AND state = 'running'
+                 RETURNING delivery, max_attempts",
+            )
+            .bind(job_id)
+            .bind(attempt)
+            .bind(reason)
+            .bind(at)
+            .bind(now)
+            .fetch_optional(&mut *tx)
+            .await?;
+            match row {
+                None => false,
+                Some((delivery, max_attempts)) => {
+                    tx.insert_run_records(job_id, attempt, state).await?;
+                    let task = MutationTask { job_id: job_id.to_owned(), delivery };
+                    tx.push_delivery(&task, queue_attempts(max_attempts), at).await?;
+                    true
+                }
+            }
+        })
+    }
+
+    /// Jobs not yet finished (queued, running or waiting to retry) and, of those, the ones waiting
+    /// only because a circuit breaker deferred them; in one batch or in all.
+    pub async fn backlog(&self, batch_id: Option<&str>) -> Result<Backlog, DbError> {
+        let (unfinished, deferred): (i64, i64) = with_pool!(self, pool => sqlx::query_as(
+            "SELECT COUNT(*),
+                    COALESCE(SUM(CASE WHEN state = 'retrying' AND deferred_reason IS NOT NULL THEN 1 ELSE 0 END), 0)
+             FROM tm_jobs WHERE state IN ('queued', 'running', 'retrying')
                AND ($1 IS NULL OR batch_id = $1)",
         )
         .bind(batch_id)
         .fetch_one(pool)
         .await?);
-        Ok(count)
+        Ok(Backlog {
+            unfinished,
+            deferred,
+        })
+    }
+
+    /// The jobs waiting on an open circuit breaker: mutation, reason, next try.
+    pub async fn deferred_jobs(&self, batch_id: Option<&str>) -> Result<Vec<DeferredJob>, DbError> {
+        let rows = with_pool!(self, pool => sqlx::query_as::<_, DeferredJob>(
+            "SELECT mutation, deferred_reason AS reason, next_attempt_at, deferred_since
+             FROM tm_jobs WHERE state = 'retrying' AND deferred_reason IS NOT NULL
+               AND ($1 IS NULL OR batch_id = $1)
+             ORDER BY batch_id, position",
+        )
+        .bind(batch_id)
+        .fetch_all(pool)
+        .await?);
+        Ok(rows)
     }
 
     /// How many jobs of a batch are in each state: `(state, count)`.
@@ -560,7 +640,8 @@ impl Store {
         let rows = with_pool!(self, pool => sqlx::query_as::<_, JobRow>(
             "SELECT j.id, j.batch_id, j.position, j.mutation, j.state, j.attempts, j.max_attempts, j.last_error,
                     j.trials_found, j.total_count, j.created_at, j.started_at, j.finished_at, j.next_attempt_at,
-                    s.stop_reason AS summary_stop_reason, s.reused_from_job AS summary_reused_from
+                    s.stop_reason AS summary_stop_reason, s.reused_from_job AS summary_reused_from,
+                    j.deferred_reason
              FROM tm_jobs j LEFT JOIN tm_summaries s ON s.job_id = j.id
              WHERE j.batch_id = $1 ORDER BY j.position",
         )
@@ -715,8 +796,9 @@ macro_rules! impl_run_records {
                 }
                 for metric in &state.metrics {
                     sqlx::query(
-                        "INSERT INTO tm_node_metrics (job_id, job_attempt, node, attempt, started_at, duration_ms, outcome, error)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                        "INSERT INTO tm_node_metrics (job_id, job_attempt, node, attempt, started_at, duration_ms, outcome,
+                             error, http_status)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
                     )
                     .bind(job_id)
                     .bind(attempt)
@@ -726,6 +808,7 @@ macro_rules! impl_run_records {
                     .bind(metric.duration.as_secs_f64() * 1_000.0)
                     .bind(metric.outcome)
                     .bind(&metric.error)
+                    .bind(metric.http_status.map(i64::from))
                     .execute(&mut *self)
                     .await?;
                 }

@@ -21,22 +21,26 @@ pub struct NodeError {
     pub message: String,
     /// How long the upstream asked us to wait.
     pub retry_after: Option<Duration>,
+    /// The upstream service and HTTP status, when the failure was an upstream's.
+    pub service: Option<&'static str>,
+    pub status: Option<u16>,
 }
 
 impl NodeError {
-    pub fn retryable(message: impl Into<String>) -> Self {
+    fn new(kind: FailureKind, message: impl Into<String>) -> Self {
         Self {
-            kind: FailureKind::Retryable,
+            kind,
             message: message.into(),
             retry_after: None,
+            service: None,
+            status: None,
         }
     }
+    pub fn retryable(message: impl Into<String>) -> Self {
+        Self::new(FailureKind::Retryable, message)
+    }
     pub fn permanent(message: impl Into<String>) -> Self {
-        Self {
-            kind: FailureKind::Permanent,
-            message: message.into(),
-            retry_after: None,
-        }
+        Self::new(FailureKind::Permanent, message)
     }
     pub fn is_retryable(&self) -> bool {
         self.kind == FailureKind::Retryable
@@ -49,6 +53,8 @@ impl From<UpstreamError> for NodeError {
             kind: e.kind,
             retry_after: e.retry_after,
             message: e.to_string(),
+            service: Some(e.service),
+            status: e.status,
         }
     }
 }
@@ -70,6 +76,7 @@ pub struct NodeMetric {
     pub started_at: DateTime<Utc>,
     pub duration: Duration,
     pub outcome: &'static str,
+    pub http_status: Option<u16>,
     pub error: Option<String>,
 }
 
@@ -153,13 +160,22 @@ pub async fn run_node<N: Node>(
                 Ok(_) => "ok",
                 Err(e) => e.kind.as_str(),
             },
+            http_status: result.as_ref().err().and_then(|e| e.status),
             error: result.as_ref().err().map(|e| e.message.clone()),
         });
         match result {
             Ok(output) => return Ok(node.post(state, prep, output)),
             Err(e) if e.is_retryable() && attempt < retry.max_attempts => {
                 let delay = retry.backoff.next_delay(attempt, e.retry_after);
-                tracing::warn!(node = node.name(), attempt, delay_ms = delay.as_millis() as u64, error = %e, "node attempt failed; retrying");
+                tracing::warn!(
+                    node = node.name(),
+                    service = e.service,
+                    attempt,
+                    status = e.status,
+                    delay_ms = delay.as_millis() as u64,
+                    error = %e,
+                    "call failed; retrying after the delay"
+                );
                 tokio::time::sleep(delay).await;
                 attempt += 1;
             }
@@ -192,11 +208,7 @@ mod tests {
         async fn exec(&self, _prep: &String, _log: &mut ExecLog) -> Result<u32, NodeError> {
             let call = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
             if call <= self.failures {
-                Err(NodeError {
-                    kind: self.kind,
-                    message: format!("failure {call}"),
-                    retry_after: None,
-                })
+                Err(NodeError::new(self.kind, format!("failure {call}")))
             } else {
                 Ok(call)
             }

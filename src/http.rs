@@ -37,6 +37,8 @@ pub enum FailureKind {
     Retryable,
     /// Trying again gives the same answer: 4xx other than 429, a body we cannot read.
     Permanent,
+    /// The service's circuit breaker is open: try later, without counting an attempt.
+    Deferred,
 }
 
 impl FailureKind {
@@ -44,6 +46,7 @@ impl FailureKind {
         match self {
             FailureKind::Retryable => "retryable",
             FailureKind::Permanent => "permanent",
+            FailureKind::Deferred => "deferred",
         }
     }
 }
@@ -69,6 +72,20 @@ impl UpstreamError {
             status: None,
             retry_after: None,
             message: message.into(),
+        }
+    }
+
+    /// The service is refusing calls (its circuit breaker is open) for `wait` more.
+    pub fn deferred(service: &'static str, wait: Duration) -> Self {
+        Self {
+            service,
+            kind: FailureKind::Deferred,
+            status: None,
+            retry_after: Some(wait),
+            message: format!(
+                "circuit breaker open after repeated failures; calls resume in {:.0} s",
+                wait.as_secs_f64().ceil()
+            ),
         }
     }
 

@@ -6,6 +6,7 @@
 //! - [`db`]: our tables on SQLite or Postgres, migrations, and every query on them.
 //! - [`queue`]: the apalis queue, its delivery payload and the workarounds for apalis's rough edges.
 //! - [`http`]: pooled clients, failure classification, `Retry-After` and backoff.
+//! - [`resilience`]: per-service in-flight bound, rate limit and circuit breaker.
 //! - [`ctgov`]: the ClinicalTrials.gov API v2 model, parser and paging client.
 //! - [`anthropic`]: the Claude summarizer: prompt building, Messages API types and client.
 //! - [`summarize`]: the `Summarizer` trait, the offline summarizer and trial-set fingerprints.
@@ -26,5 +27,6 @@ pub mod input;
 pub mod nodes;
 pub mod queue;
 pub mod report;
+pub mod resilience;
 pub mod summarize;
 pub mod worker;

@@ -61,6 +61,8 @@ impl QueueConnection for SqliteConnection {
         .bind(ulid::Ulid::new().to_string())
         .bind(QUEUE_NAME)
         .bind(max_attempts)
+        // apalis-sqlite keeps whole seconds, so a job may run up to a second early; every delay
+        // that matters for correctness (deferral) is at least a second.
         .bind(run_at.timestamp())
         .execute(self)
         .await?;

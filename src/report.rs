@@ -89,6 +89,14 @@ pub fn format_elapsed(start: Option<DateTime<Utc>>, end: Option<DateTime<Utc>>) 
     }
 }
 
+/// The state shown to people: a job put back by an open circuit breaker reads `deferred`.
+pub fn display_state(row: &JobRow) -> &str {
+    match (row.state.as_str(), &row.deferred_reason) {
+        ("retrying", Some(_)) => "deferred",
+        (state, _) => state,
+    }
+}
+
 /// How a job's summary came about: `new`, `reused` (trials unchanged), `cut` (the model hit
 /// `max_tokens`), or `–` when there is none.
 pub fn summary_note(row: &JobRow) -> &'static str {
@@ -116,6 +124,7 @@ pub fn status_table(rows: &[JobRow]) -> String {
             "state",
             "attempts",
             "time",
+            "summary",
             "last error",
         ]);
     for row in rows {
@@ -127,12 +136,14 @@ pub fn status_table(rows: &[JobRow]) -> String {
         table.add_row([
             row.mutation.clone(),
             trials,
-            row.state.clone(),
+            display_state(row).to_owned(),
             format!("{}/{}", row.attempts, row.max_attempts),
             format_elapsed(row.started_at, row.finished_at),
             summary_note(row).to_owned(),
-            row.last_error
+            // Why it waits, else why it last failed.
+            row.deferred_reason
                 .as_deref()
+                .or(row.last_error.as_deref())
                 .map(|e| excerpt(e, 120))
                 .unwrap_or_default(),
         ]);
@@ -163,6 +174,7 @@ mod tests {
             next_attempt_at: None,
             summary_stop_reason: None,
             summary_reused_from: None,
+            deferred_reason: None,
         }
     }
 
@@ -197,5 +209,14 @@ mod tests {
         cut.summary_reused_from = Some("01J".into());
         assert_eq!(summary_note(&cut), "reused");
         assert_eq!(summary_note(&row("KRAS G12C", "failed")), "–");
+        let mut waiting = row("NRAS Q61K", "retrying");
+        assert_eq!(display_state(&waiting), "retrying");
+        waiting.deferred_reason = Some("breaker open".into());
+        assert_eq!(display_state(&waiting), "deferred");
+        let table = status_table(&[waiting]);
+        assert!(
+            table.contains("breaker open") && table.contains("deferred"),
+            "{table}"
+        );
     }
 }

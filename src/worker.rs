@@ -24,10 +24,14 @@ use crate::flow::{JobState, NodeRetry};
 use crate::http::{self, Backoff, ClientSettings, FailureKind};
 use crate::nodes::{MutationFlow, QueryTrialsNode, SummarizeTrialsNode};
 use crate::queue::{MutationTask, QUEUE_NAME};
+use crate::resilience::ServiceGuard;
 use crate::summarize::{OfflineSummarizer, Summarizer};
 
 /// How often finished queue rows are deleted while a worker runs.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// Shortest wait before a deferred job is tried again.
+const MIN_DEFER_DELAY: Duration = Duration::from_secs(1);
 
 /// A worker that presumes another dead after this many missed heartbeats.
 const MISSED_HEARTBEATS: usize = 3;
@@ -55,6 +59,7 @@ pub struct App {
     pub worker_name: String,
     job_timeout: Duration,
     job_backoff: Backoff,
+    max_defer_age: Duration,
     concurrency: usize,
     poll_interval: Duration,
     heartbeat: Duration,
@@ -67,8 +72,18 @@ pub enum RunOutcome {
     Retrying,
     Failed,
     Dead,
+    /// Back to the queue without using an attempt: a service's circuit breaker is open.
+    Deferred,
     /// The delivery was outdated; nothing ran.
     Skipped,
+}
+
+/// A claimed run of a job.
+struct ClaimedRun<'a> {
+    job_id: &'a str,
+    attempt: i64,
+    max_attempts: i64,
+    deferred_since: Option<chrono::DateTime<Utc>>,
 }
 
 impl App {
@@ -89,6 +104,7 @@ impl App {
                     pool_max_idle_per_host: ctgov.pool_max_idle_per_host,
                 },
             )?,
+            Arc::new(ServiceGuard::new(crate::ctgov::SERVICE, ctgov.guard())),
             CtgovSettings {
                 base_url: parse_url("ctgov.base_url", &ctgov.base_url)?,
                 page_size: ctgov.page_size,
@@ -130,8 +146,12 @@ impl App {
                         max_attempts: anthropic.max_request_attempts,
                         backoff: anthropic_backoff,
                     };
+                    let guard = Arc::new(ServiceGuard::new(
+                        crate::anthropic::SERVICE,
+                        anthropic.guard(),
+                    ));
                     (
-                        Arc::new(AnthropicSummarizer::new(http, key.clone(), settings)),
+                        Arc::new(AnthropicSummarizer::new(http, guard, key.clone(), settings)),
                         retry,
                     )
                 }
@@ -161,6 +181,7 @@ impl App {
             store,
             worker_name: format!("trialmatch-{}-{}", std::process::id(), ulid::Ulid::new()),
             job_timeout: worker.job_timeout(),
+            max_defer_age: worker.max_defer_age(),
             job_backoff: Backoff {
                 base: Duration::from_millis(worker.retry_base_ms),
                 max: Duration::from_millis(worker.retry_max_ms),
@@ -180,7 +201,7 @@ impl App {
     /// Runs one delivery to its end. Only database errors escape; they leave the delivery to apalis,
     /// which hands it out again.
     pub async fn process(&self, task: &MutationTask) -> Result<RunOutcome, DbError> {
-        let (mutation, attempt, max_attempts) = match self
+        let (mutation, attempt, max_attempts, deferred_since) = match self
             .store
             .claim(task, &self.worker_name)
             .await?
@@ -189,7 +210,8 @@ impl App {
                 mutation,
                 attempt,
                 max_attempts,
-            } => (mutation, attempt, max_attempts),
+                deferred_since,
+            } => (mutation, attempt, max_attempts, deferred_since),
             Claim::Stale => {
                 tracing::debug!(job_id = %task.job_id, delivery = task.delivery, "outdated delivery skipped");
                 return Ok(RunOutcome::Skipped);
@@ -200,18 +222,26 @@ impl App {
             }
         };
         let span = tracing::info_span!("job", job_id = %task.job_id, mutation = %mutation, attempt, max_attempts);
-        self.run_claimed(&task.job_id, mutation, attempt, max_attempts)
-            .instrument(span)
-            .await
+        let run = ClaimedRun {
+            job_id: &task.job_id,
+            attempt,
+            max_attempts,
+            deferred_since,
+        };
+        self.run_claimed(run, mutation).instrument(span).await
     }
 
     async fn run_claimed(
         &self,
-        job_id: &str,
+        run: ClaimedRun<'_>,
         mutation: String,
-        attempt: i64,
-        max_attempts: i64,
     ) -> Result<RunOutcome, DbError> {
+        let ClaimedRun {
+            job_id,
+            attempt,
+            max_attempts,
+            deferred_since,
+        } = run;
         let clock = Instant::now();
         let mut state = JobState::new(mutation);
         let run = AssertUnwindSafe(tokio::time::timeout(
@@ -250,12 +280,44 @@ impl App {
             );
             return Ok(RunOutcome::Succeeded);
         };
+        let now = Utc::now();
+        let (kind, error) = match (kind, deferred_since) {
+            (FailureKind::Deferred, Some(since))
+                if (now - since).to_std().unwrap_or_default() > self.max_defer_age =>
+            {
+                (
+                    FailureKind::Permanent,
+                    format!(
+                        "deferred since {since} (longer than the {} h allowed): {error}",
+                        self.max_defer_age.as_secs() / 3600
+                    ),
+                )
+            }
+            (kind, _) => (kind, error),
+        };
+        if kind == FailureKind::Deferred {
+            // Not an attempt: the service refused the call. Come back when it may take calls again,
+            // never sooner than a second, so no path loops without a delay.
+            let wait = retry_after.unwrap_or_default().max(MIN_DEFER_DELAY)
+                + MIN_DEFER_DELAY.mul_f64(rand::random::<f64>());
+            let at = now + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::MAX);
+            if !self
+                .store
+                .record_deferral(job_id, attempt, &error, at, &state)
+                .await?
+            {
+                return Ok(RunOutcome::Skipped);
+            }
+            tracing::warn!(%error, retry_at = %at, "job deferred without using an attempt");
+            return Ok(RunOutcome::Deferred);
+        }
         let (next, outcome) = match kind {
-            FailureKind::Permanent => (AfterFailure::Failed, RunOutcome::Failed),
+            FailureKind::Permanent | FailureKind::Deferred => {
+                (AfterFailure::Failed, RunOutcome::Failed)
+            }
             FailureKind::Retryable if attempt < max_attempts => {
                 let delay = self.job_backoff.next_delay(attempt as u32, retry_after);
-                let at =
-                    Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
+                let at = now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
                 (AfterFailure::Retry { at }, RunOutcome::Retrying)
             }
             FailureKind::Retryable => (AfterFailure::Dead, RunOutcome::Dead),
@@ -370,11 +432,27 @@ async fn sweep_periodically(store: Store) {
     }
 }
 
-/// Completes when no job of `batch_id` (or of any batch) is left to run.
-pub async fn until_drained(store: Store, batch_id: Option<String>, poll: Duration) {
+/// When a draining worker stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drain {
+    /// When every job has finished.
+    UntilFinished,
+    /// Also when the only jobs left wait on an open circuit breaker (`work --drain`, `run`):
+    /// an outage must not keep a batch run waiting forever.
+    UntilOnlyDeferredLeft,
+}
+
+/// Completes when no job of `batch_id` (or of any batch) is left to run, as `drain` says.
+pub async fn until_drained(store: Store, batch_id: Option<String>, poll: Duration, drain: Drain) {
     loop {
-        match store.unfinished_jobs(batch_id.as_deref()).await {
-            Ok(0) => return,
+        match store.backlog(batch_id.as_deref()).await {
+            Ok(backlog) if backlog.unfinished == 0 => return,
+            Ok(backlog)
+                if drain == Drain::UntilOnlyDeferredLeft
+                    && backlog.unfinished == backlog.deferred =>
+            {
+                return;
+            }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "could not count unfinished jobs"),
         }

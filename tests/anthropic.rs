@@ -50,7 +50,12 @@ async fn run_batch(config: &Config, store: &Store, mutations: &[&str]) -> Vec<Jo
     };
     let enqueued = store.enqueue_batch(&batch).await.unwrap();
     let app = Arc::new(App::new(config, store.clone()).unwrap());
-    let stop = worker::until_drained(store.clone(), None, Duration::from_millis(20));
+    let stop = worker::until_drained(
+        store.clone(),
+        None,
+        Duration::from_millis(20),
+        worker::Drain::UntilFinished,
+    );
     tokio::time::timeout(Duration::from_secs(30), worker::run_worker(app, stop))
         .await
         .expect("the queue drains")

@@ -16,6 +16,7 @@ fn trialmatch(dir: &Path, ctgov_uri: &str) -> Command {
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("TRIALMATCH_CTGOV__BASE_URL", format!("{ctgov_uri}/api/v2"))
         .env("TRIALMATCH_WORKER__POLL_INTERVAL_MS", "20")
+        .env("TRIALMATCH_CTGOV__RATE_LIMIT_PER_MINUTE", "0")
         .env("TRIALMATCH_CTGOV__BACKOFF_BASE_MS", "1")
         .env("TRIALMATCH_CTGOV__BACKOFF_MAX_MS", "10")
         .env("TRIALMATCH_LOG", "warn");

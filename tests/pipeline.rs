@@ -41,7 +41,12 @@ fn batch(mutations: &[&str]) -> NewBatch {
 
 /// Works until no job is left, failing the test if that takes unreasonably long.
 async fn drain(app: Arc<App>) {
-    let stop = worker::until_drained(app.store.clone(), None, Duration::from_millis(20));
+    let stop = worker::until_drained(
+        app.store.clone(),
+        None,
+        Duration::from_millis(20),
+        worker::Drain::UntilFinished,
+    );
     tokio::time::timeout(Duration::from_secs(30), worker::run_worker(app, stop))
         .await
         .expect("the queue drains")

@@ -293,6 +293,11 @@ pub fn test_config(db_url: &str, ctgov_uri: &str) -> Config {
     config.worker.retry_max_ms = 10;
     config.worker.max_attempts = 3;
     config.worker.concurrency = 4;
+    // No rate limit and no breaker unless a test is about them.
+    config.ctgov.rate_limit_per_minute = 0;
+    config.ctgov.breaker_failure_threshold = 1_000;
+    config.anthropic.rate_limit_per_minute = 0;
+    config.anthropic.breaker_failure_threshold = 1_000;
     config
 }
 
@@ -317,6 +322,7 @@ pub fn worker_process(db_url: &str, ctgov_uri: &str, args: &[&str]) -> tokio::pr
         .env("TRIALMATCH_DATABASE_URL", db_url)
         .env("TRIALMATCH_CTGOV__BASE_URL", format!("{ctgov_uri}/api/v2"))
         .env("TRIALMATCH_WORKER__POLL_INTERVAL_MS", "20")
+        .env("TRIALMATCH_CTGOV__RATE_LIMIT_PER_MINUTE", "0")
         .env("TRIALMATCH_LOG", "warn")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
