@@ -58,8 +58,7 @@ pub struct App {
     pub flow: MutationFlow,
     pub worker_name: String,
     job_timeout: Duration,
-    job_backoff: Backoff,
-    max_defer_age: Duration,
+    policy: FailurePolicy,
     concurrency: usize,
     poll_interval: Duration,
     heartbeat: Duration,
@@ -76,14 +75,6 @@ pub enum RunOutcome {
     Deferred,
     /// The delivery was outdated; nothing ran.
     Skipped,
-}
-
-/// A claimed run of a job.
-struct ClaimedRun<'a> {
-    job_id: &'a str,
-    attempt: i64,
-    max_attempts: i64,
-    deferred_since: Option<chrono::DateTime<Utc>>,
 }
 
 impl App {
@@ -181,10 +172,12 @@ impl App {
             store,
             worker_name: format!("trialmatch-{}-{}", std::process::id(), ulid::Ulid::new()),
             job_timeout: worker.job_timeout(),
-            max_defer_age: worker.max_defer_age(),
-            job_backoff: Backoff {
-                base: Duration::from_millis(worker.retry_base_ms),
-                max: Duration::from_millis(worker.retry_max_ms),
+            policy: FailurePolicy {
+                job_backoff: Backoff {
+                    base: Duration::from_millis(worker.retry_base_ms),
+                    max: Duration::from_millis(worker.retry_max_ms),
+                },
+                max_defer_age: worker.max_defer_age(),
             },
             concurrency: worker.concurrency,
             poll_interval: worker.poll_interval(),
@@ -222,26 +215,23 @@ impl App {
             }
         };
         let span = tracing::info_span!("job", job_id = %task.job_id, mutation = %mutation, attempt, max_attempts);
-        let run = ClaimedRun {
-            job_id: &task.job_id,
+        let meta = RunMeta {
             attempt,
             max_attempts,
             deferred_since,
         };
-        self.run_claimed(run, mutation).instrument(span).await
+        self.run_claimed(&task.job_id, meta, mutation)
+            .instrument(span)
+            .await
     }
 
     async fn run_claimed(
         &self,
-        run: ClaimedRun<'_>,
+        job_id: &str,
+        meta: RunMeta,
         mutation: String,
     ) -> Result<RunOutcome, DbError> {
-        let ClaimedRun {
-            job_id,
-            attempt,
-            max_attempts,
-            deferred_since,
-        } = run;
+        let attempt = meta.attempt;
         let clock = Instant::now();
         let mut state = JobState::new(mutation);
         let run = AssertUnwindSafe(tokio::time::timeout(
@@ -280,47 +270,37 @@ impl App {
             );
             return Ok(RunOutcome::Succeeded);
         };
-        let now = Utc::now();
-        let (kind, error) = match (kind, deferred_since) {
-            (FailureKind::Deferred, Some(since))
-                if (now - since).to_std().unwrap_or_default() > self.max_defer_age =>
-            {
-                (
-                    FailureKind::Permanent,
-                    format!(
-                        "deferred since {since} (longer than the {} h allowed): {error}",
-                        self.max_defer_age.as_secs() / 3600
-                    ),
-                )
-            }
-            (kind, _) => (kind, error),
+        let failure = Failure {
+            kind,
+            error,
+            retry_after,
         };
-        if kind == FailureKind::Deferred {
-            // Not an attempt: the service refused the call. Come back when it may take calls again,
-            // never sooner than a second, so no path loops without a delay.
-            let wait = retry_after.unwrap_or_default().max(MIN_DEFER_DELAY)
-                + MIN_DEFER_DELAY.mul_f64(rand::random::<f64>());
-            let at = now + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::MAX);
-            if !self
-                .store
-                .record_deferral(job_id, attempt, &error, at, &state)
-                .await?
-            {
-                return Ok(RunOutcome::Skipped);
+        let (kind, error, next, outcome) = match decide(
+            &self.policy,
+            failure,
+            &meta,
+            Utc::now(),
+            rand::random::<f64>(),
+        ) {
+            Decision::Defer { at, reason } => {
+                if !self
+                    .store
+                    .record_deferral(job_id, attempt, &reason, at, &state)
+                    .await?
+                {
+                    return Ok(RunOutcome::Skipped);
+                }
+                tracing::warn!(error = %reason, retry_at = %at, "job deferred without using an attempt");
+                return Ok(RunOutcome::Deferred);
             }
-            tracing::warn!(%error, retry_at = %at, "job deferred without using an attempt");
-            return Ok(RunOutcome::Deferred);
-        }
-        let (next, outcome) = match kind {
-            FailureKind::Permanent | FailureKind::Deferred => {
-                (AfterFailure::Failed, RunOutcome::Failed)
+            Decision::Record { kind, error, next } => {
+                let outcome = match next {
+                    AfterFailure::Retry { .. } => RunOutcome::Retrying,
+                    AfterFailure::Failed => RunOutcome::Failed,
+                    AfterFailure::Dead => RunOutcome::Dead,
+                };
+                (kind, error, next, outcome)
             }
-            FailureKind::Retryable if attempt < max_attempts => {
-                let delay = self.job_backoff.next_delay(attempt as u32, retry_after);
-                let at = now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
-                (AfterFailure::Retry { at }, RunOutcome::Retrying)
-            }
-            FailureKind::Retryable => (AfterFailure::Dead, RunOutcome::Dead),
         };
         if !self
             .store
@@ -337,6 +317,107 @@ impl App {
             AfterFailure::Dead => tracing::error!(%error, "job dead: its last attempt failed"),
         }
         Ok(outcome)
+    }
+}
+
+/// How failed runs are retried and how long deferral may last.
+#[derive(Debug, Clone, Copy)]
+pub struct FailurePolicy {
+    pub job_backoff: Backoff,
+    pub max_defer_age: Duration,
+}
+
+/// A failed run, classified.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub kind: FailureKind,
+    pub error: String,
+    pub retry_after: Option<Duration>,
+}
+
+/// Where the job stood when the run failed.
+#[derive(Debug, Clone, Copy)]
+pub struct RunMeta {
+    pub attempt: i64,
+    pub max_attempts: i64,
+    pub deferred_since: Option<chrono::DateTime<Utc>>,
+}
+
+/// What happens after a failed run.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Back to the queue at `at` without using an attempt (a circuit breaker is open).
+    Defer {
+        at: chrono::DateTime<Utc>,
+        reason: String,
+    },
+    /// Record the failure as `kind` and go on as `next`.
+    Record {
+        kind: FailureKind,
+        error: String,
+        next: AfterFailure,
+    },
+}
+
+/// Decides what follows a failed run. Pure: `now` and `jitter` (in `[0, 1]`) come from the caller.
+pub fn decide(
+    policy: &FailurePolicy,
+    failure: Failure,
+    run: &RunMeta,
+    now: chrono::DateTime<Utc>,
+    jitter: f64,
+) -> Decision {
+    let Failure {
+        kind,
+        error,
+        retry_after,
+    } = failure;
+    let after =
+        |delay: Duration| now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
+    match kind {
+        FailureKind::Deferred => match run.deferred_since {
+            Some(since) if (now - since).to_std().unwrap_or_default() > policy.max_defer_age => {
+                Decision::Record {
+                    kind: FailureKind::Permanent,
+                    error: format!(
+                        "deferred since {} (longer than the {:.1} h allowed): {error}",
+                        since.format("%Y-%m-%d %H:%M:%S UTC"),
+                        policy.max_defer_age.as_secs_f64() / 3600.0
+                    ),
+                    next: AfterFailure::Failed,
+                }
+            }
+            // Come back when the service may take calls again, never sooner than a second, so no
+            // path loops without a delay.
+            _ => Decision::Defer {
+                at: after(
+                    retry_after.unwrap_or_default().max(MIN_DEFER_DELAY)
+                        + MIN_DEFER_DELAY.mul_f64(jitter.clamp(0.0, 1.0)),
+                ),
+                reason: error,
+            },
+        },
+        FailureKind::Permanent => Decision::Record {
+            kind,
+            error,
+            next: AfterFailure::Failed,
+        },
+        FailureKind::Retryable if run.attempt < run.max_attempts => {
+            let delay = match retry_after {
+                Some(theirs) => theirs.min(policy.job_backoff.max),
+                None => policy.job_backoff.delay(run.attempt as u32, jitter),
+            };
+            Decision::Record {
+                kind,
+                error,
+                next: AfterFailure::Retry { at: after(delay) },
+            }
+        }
+        FailureKind::Retryable => Decision::Record {
+            kind,
+            error,
+            next: AfterFailure::Dead,
+        },
     }
 }
 
@@ -481,4 +562,190 @@ pub async fn shutdown_signal() {
         _ = terminate => {}
     }
     tracing::info!("shutdown requested: finishing the jobs in flight, taking no new ones");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    const POLICY: FailurePolicy = FailurePolicy {
+        job_backoff: Backoff {
+            base: Duration::from_secs(5),
+            max: Duration::from_secs(600),
+        },
+        max_defer_age: Duration::from_secs(24 * 3600),
+    };
+
+    fn now() -> chrono::DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 12, 4, 2, 0, 0).unwrap()
+    }
+
+    fn failure(kind: FailureKind, retry_after: Option<Duration>) -> Failure {
+        Failure {
+            kind,
+            error: "boom".into(),
+            retry_after,
+        }
+    }
+
+    fn run(attempt: i64, deferred_since: Option<chrono::DateTime<Utc>>) -> RunMeta {
+        RunMeta {
+            attempt,
+            max_attempts: 3,
+            deferred_since,
+        }
+    }
+
+    #[test]
+    fn retryable_failures_back_off_then_die_on_the_last_attempt() {
+        let first = decide(
+            &POLICY,
+            failure(FailureKind::Retryable, None),
+            &run(1, None),
+            now(),
+            1.0,
+        );
+        assert_eq!(
+            first,
+            Decision::Record {
+                kind: FailureKind::Retryable,
+                error: "boom".into(),
+                next: AfterFailure::Retry {
+                    at: now() + chrono::Duration::seconds(5)
+                }
+            }
+        );
+        let second = decide(
+            &POLICY,
+            failure(FailureKind::Retryable, None),
+            &run(2, None),
+            now(),
+            1.0,
+        );
+        assert!(
+            matches!(second, Decision::Record { next: AfterFailure::Retry { at }, .. } if at == now() + chrono::Duration::seconds(10))
+        );
+        let told = decide(
+            &POLICY,
+            failure(FailureKind::Retryable, Some(Duration::from_secs(42))),
+            &run(1, None),
+            now(),
+            0.0,
+        );
+        assert!(
+            matches!(told, Decision::Record { next: AfterFailure::Retry { at }, .. } if at == now() + chrono::Duration::seconds(42)),
+            "Retry-After wins"
+        );
+        let last = decide(
+            &POLICY,
+            failure(FailureKind::Retryable, None),
+            &run(3, None),
+            now(),
+            1.0,
+        );
+        assert!(matches!(
+            last,
+            Decision::Record {
+                next: AfterFailure::Dead,
+                ..
+            }
+        ));
+        let permanent = decide(
+            &POLICY,
+            failure(FailureKind::Permanent, None),
+            &run(1, None),
+            now(),
+            1.0,
+        );
+        assert!(matches!(
+            permanent,
+            Decision::Record {
+                next: AfterFailure::Failed,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn deferral_waits_for_the_breaker_and_never_less_than_a_second() {
+        let open_for = Some(Duration::from_secs(30));
+        let d = decide(
+            &POLICY,
+            failure(FailureKind::Deferred, open_for),
+            &run(3, None),
+            now(),
+            0.0,
+        );
+        assert_eq!(
+            d,
+            Decision::Defer {
+                at: now() + chrono::Duration::seconds(30),
+                reason: "boom".into()
+            }
+        );
+        let d = decide(
+            &POLICY,
+            failure(FailureKind::Deferred, Some(Duration::ZERO)),
+            &run(1, None),
+            now(),
+            0.0,
+        );
+        assert_eq!(
+            d,
+            Decision::Defer {
+                at: now() + chrono::Duration::seconds(1),
+                reason: "boom".into()
+            }
+        );
+        // Even on the last attempt a deferral uses none.
+        assert!(matches!(
+            decide(
+                &POLICY,
+                failure(FailureKind::Deferred, open_for),
+                &run(3, None),
+                now(),
+                1.0
+            ),
+            Decision::Defer { .. }
+        ));
+    }
+
+    #[test]
+    fn a_job_deferred_too_long_fails_with_the_reason() {
+        let since = now() - chrono::Duration::hours(25);
+        let d = decide(
+            &POLICY,
+            failure(FailureKind::Deferred, None),
+            &run(1, Some(since)),
+            now(),
+            0.0,
+        );
+        match d {
+            Decision::Record {
+                kind: FailureKind::Permanent,
+                error,
+                next: AfterFailure::Failed,
+            } => {
+                assert!(
+                    error.contains("deferred since 2026-12-03 01:00:00 UTC")
+                        && error.contains("24.0 h")
+                        && error.ends_with("boom"),
+                    "{error}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let recent = now() - chrono::Duration::hours(23);
+        assert!(matches!(
+            decide(
+                &POLICY,
+                failure(FailureKind::Deferred, None),
+                &run(1, Some(recent)),
+                now(),
+                0.0
+            ),
+            Decision::Defer { .. }
+        ));
+    }
 }
