@@ -174,7 +174,18 @@ async fn unchanged_trials_make_no_second_call_and_a_changed_status_makes_one() {
         reused_tokens, 10,
         "reused summaries record no tokens of their own"
     );
-    eprintln!("10-mutation batch run twice: {first_calls} then {second_calls} model calls");
+    let input = scalar_i64(&store, "SELECT SUM(input_tokens) FROM tm_summaries").await;
+    let output = scalar_i64(&store, "SELECT SUM(output_tokens) FROM tm_summaries").await;
+    let cached = scalar_i64(&store, "SELECT SUM(cache_read_tokens) FROM tm_summaries").await;
+    assert_eq!(
+        (input, output, cached),
+        (10 * 1500, 10 * 400, 10 * 1200),
+        "tokens of the first run only"
+    );
+    eprintln!(
+        "10-mutation batch run twice: {first_calls} then {second_calls} model calls; \
+         tokens {input} in, {output} out, {cached} cache-read"
+    );
 
     // One trial of one mutation changes status overnight.
     let changed =
