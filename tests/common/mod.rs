@@ -11,56 +11,9 @@ use trialmatch::config::Config;
 use trialmatch::db::Store;
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate, matchers};
 
-/// A study in the shape the real API returns for our `fields` projection.
-pub fn study(nct_id: &str, title: &str, status: &str, phases: &[&str]) -> Value {
-    json!({
-        "protocolSection": {
-            "identificationModule": { "nctId": nct_id, "briefTitle": title },
-            "statusModule": {
-                "overallStatus": status,
-                "startDateStruct": { "date": "2025-03-01" },
-                "completionDateStruct": { "date": "2028-12" }
-            },
-            "sponsorCollaboratorsModule": { "leadSponsor": { "name": "Test Oncology Group" } },
-            "descriptionModule": { "briefSummary": format!("Summary of {title}.") },
-            "conditionsModule": { "conditions": ["Melanoma", "Non-small Cell Lung Cancer"] },
-            "designModule": { "studyType": "INTERVENTIONAL", "phases": phases, "enrollmentInfo": { "count": 40 } },
-            "armsInterventionsModule": { "interventions": [{ "name": "Drug A" }, { "name": "Placebo" }] },
-            "eligibilityModule": { "minimumAge": "18 Years" }
-        }
-    })
-}
-
-/// Deterministic studies for a term: `count` of them, ids derived from the term.
-pub fn studies_for(term: &str, count: usize) -> Vec<Value> {
-    let tag: u32 = term
-        .bytes()
-        .fold(7u32, |h, b| h.wrapping_mul(31).wrapping_add(b as u32))
-        % 100_000;
-    let statuses = [
-        "RECRUITING",
-        "ACTIVE_NOT_RECRUITING",
-        "COMPLETED",
-        "NOT_YET_RECRUITING",
-    ];
-    let phases: [&[&str]; 5] = [
-        &["PHASE1"],
-        &["PHASE2"],
-        &["PHASE1", "PHASE2"],
-        &["PHASE3"],
-        &[],
-    ];
-    (0..count)
-        .map(|i| {
-            study(
-                &format!("NCT{:05}{:03}", tag, i),
-                &format!("Trial {i} of {term}"),
-                statuses[i % statuses.len()],
-                phases[i % phases.len()],
-            )
-        })
-        .collect()
-}
+#[path = "../../examples/fake_upstream/studies.rs"]
+mod studies;
+pub use studies::studies_for;
 
 /// A fake `/studies` endpoint: serves `studies_for(term, n)` where n comes from `counts`
 /// (default `default_count`), paged by `pageSize` with `pageToken`s like the real API.
