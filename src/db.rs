@@ -15,6 +15,7 @@ use sqlx::sqlite::{
 };
 
 use crate::config::redact_url;
+use crate::ctgov::Trial;
 use crate::flow::JobState;
 use crate::http::FailureKind;
 use crate::queue::{MutationTask, QueueConnection};
@@ -414,45 +415,7 @@ impl Store {
                 false
             } else {
                 tx.insert_run_records(job_id, attempt, state).await?;
-                for (rank, trial) in state.trials.iter().enumerate() {
-                    sqlx::query(
-                        "INSERT INTO tm_trials (nct_id, brief_title, overall_status, phases, conditions, interventions,
-                             lead_sponsor, enrollment, start_date, completion_date, brief_summary, minimum_age, maximum_age,
-                             raw_json, first_seen_at, updated_at)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $15)
-                         ON CONFLICT (nct_id) DO UPDATE SET
-                             brief_title = excluded.brief_title, overall_status = excluded.overall_status,
-                             phases = excluded.phases, conditions = excluded.conditions,
-                             interventions = excluded.interventions, lead_sponsor = excluded.lead_sponsor,
-                             enrollment = excluded.enrollment, start_date = excluded.start_date,
-                             completion_date = excluded.completion_date, brief_summary = excluded.brief_summary,
-                             minimum_age = excluded.minimum_age, maximum_age = excluded.maximum_age,
-                             raw_json = excluded.raw_json, updated_at = excluded.updated_at",
-                    )
-                    .bind(&trial.nct_id)
-                    .bind(&trial.brief_title)
-                    .bind(&trial.overall_status)
-                    .bind(json_list(&trial.phases))
-                    .bind(json_list(&trial.conditions))
-                    .bind(json_list(&trial.interventions))
-                    .bind(&trial.lead_sponsor)
-                    .bind(trial.enrollment)
-                    .bind(&trial.start_date)
-                    .bind(&trial.completion_date)
-                    .bind(&trial.brief_summary)
-                    .bind(&trial.minimum_age)
-                    .bind(&trial.maximum_age)
-                    .bind(&trial.raw_json)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
-                    sqlx::query("INSERT INTO tm_job_trials (job_id, rank, nct_id) VALUES ($1, $2, $3)")
-                        .bind(job_id)
-                        .bind(rank as i64 + 1)
-                        .bind(&trial.nct_id)
-                        .execute(&mut *tx)
-                        .await?;
-                }
+                tx.insert_trials(job_id, &state.trials, now).await?;
                 if let Some(summary) = summary {
                     sqlx::query(
                         "INSERT INTO tm_summaries (job_id, mutation, summarizer, model, body, trial_count, fingerprint,
@@ -747,6 +710,15 @@ trait RunRecords {
         error: &str,
     ) -> impl std::future::Future<Output = Result<(), sqlx::Error>> + Send;
 
+    /// Upserts the trials a job found and links them to the job in rank order: a few multi-row
+    /// statements, not two per trial (per-statement overhead dominated the cost of storing a job).
+    fn insert_trials(
+        &mut self,
+        job_id: &str,
+        trials: &[Trial],
+        now: DateTime<Utc>,
+    ) -> impl std::future::Future<Output = Result<(), sqlx::Error>> + Send;
+
     /// Inserts what every run leaves, success or not: raw response pages and node metrics.
     fn insert_run_records(
         &mut self,
@@ -756,9 +728,59 @@ trait RunRecords {
     ) -> impl std::future::Future<Output = Result<(), sqlx::Error>> + Send;
 }
 
+/// Rows per multi-row statement: 16 binds a trial stays far below SQLite's and Postgres's limits.
+const ROWS_PER_STATEMENT: usize = 500;
+
 macro_rules! impl_run_records {
-    ($conn:ty) => {
+    ($conn:ty, $db:ty) => {
         impl RunRecords for $conn {
+            async fn insert_trials(&mut self, job_id: &str, trials: &[Trial], now: DateTime<Utc>) -> Result<(), sqlx::Error> {
+                for (chunk_index, chunk) in trials.chunks(ROWS_PER_STATEMENT).enumerate() {
+                    let mut upsert = sqlx::QueryBuilder::<$db>::new(
+                        "INSERT INTO tm_trials (nct_id, brief_title, overall_status, phases, conditions, interventions,
+                             lead_sponsor, enrollment, start_date, completion_date, brief_summary, minimum_age, maximum_age,
+                             raw_json, first_seen_at, updated_at) ",
+                    );
+                    upsert.push_values(chunk, |mut row, trial| {
+                        row.push_bind(&trial.nct_id)
+                            .push_bind(&trial.brief_title)
+                            .push_bind(&trial.overall_status)
+                            .push_bind(json_list(&trial.phases))
+                            .push_bind(json_list(&trial.conditions))
+                            .push_bind(json_list(&trial.interventions))
+                            .push_bind(&trial.lead_sponsor)
+                            .push_bind(trial.enrollment)
+                            .push_bind(&trial.start_date)
+                            .push_bind(&trial.completion_date)
+                            .push_bind(&trial.brief_summary)
+                            .push_bind(&trial.minimum_age)
+                            .push_bind(&trial.maximum_age)
+                            .push_bind(&trial.raw_json)
+                            .push_bind(now)
+                            .push_bind(now);
+                    });
+                    upsert.push(
+                        " ON CONFLICT (nct_id) DO UPDATE SET
+                             brief_title = excluded.brief_title, overall_status = excluded.overall_status,
+                             phases = excluded.phases, conditions = excluded.conditions,
+                             interventions = excluded.interventions, lead_sponsor = excluded.lead_sponsor,
+                             enrollment = excluded.enrollment, start_date = excluded.start_date,
+                             completion_date = excluded.completion_date, brief_summary = excluded.brief_summary,
+                             minimum_age = excluded.minimum_age, maximum_age = excluded.maximum_age,
+                             raw_json = excluded.raw_json, updated_at = excluded.updated_at",
+                    );
+                    upsert.build().execute(&mut *self).await?;
+
+                    let first_rank = (chunk_index * ROWS_PER_STATEMENT) as i64 + 1;
+                    let mut links = sqlx::QueryBuilder::<$db>::new("INSERT INTO tm_job_trials (job_id, rank, nct_id) ");
+                    links.push_values(chunk.iter().enumerate(), |mut row, (i, trial)| {
+                        row.push_bind(job_id).push_bind(first_rank + i as i64).push_bind(&trial.nct_id);
+                    });
+                    links.build().execute(&mut *self).await?;
+                }
+                Ok(())
+            }
+
             async fn insert_job_error(
                 &mut self,
                 job_id: &str,
@@ -817,5 +839,5 @@ macro_rules! impl_run_records {
         }
     };
 }
-impl_run_records!(sqlx::SqliteConnection);
-impl_run_records!(sqlx::PgConnection);
+impl_run_records!(sqlx::SqliteConnection, sqlx::Sqlite);
+impl_run_records!(sqlx::PgConnection, sqlx::Postgres);

@@ -29,6 +29,7 @@ on_both_backends!(
     a_job_whose_worker_died_mid_run_is_run_again,
     a_named_batch_is_enqueued_once,
     a_batch_is_enqueued_whole_or_not_at_all,
+    more_trials_than_one_statement_holds_are_stored_in_rank_order,
 );
 
 fn batch(mutations: &[&str]) -> NewBatch {
@@ -208,6 +209,46 @@ async fn pages_are_followed_until_max_trials(db: TestDb) {
     assert_eq!(server.received_requests().await.unwrap().len(), 5);
     let ranks = scalar_i64(&store, "SELECT MAX(rank) FROM tm_job_trials").await;
     assert_eq!(ranks, 12);
+}
+
+async fn more_trials_than_one_statement_holds_are_stored_in_rank_order(db: TestDb) {
+    let server = fake_ctgov(FakeStudies::new(1_200)).await;
+    let store = connect(&db).await;
+    let mut config = test_config(&db.url, &server.uri());
+    config.ctgov.page_size = 1_000;
+    config.ctgov.max_trials = 1_100;
+    store.enqueue_batch(&batch(&["BRAF V600E"])).await.unwrap();
+    drain(Arc::new(App::new(&config, store.clone()).unwrap())).await;
+    assert_eq!(
+        scalar_i64(&store, "SELECT COUNT(*) FROM tm_trials").await,
+        1_100
+    );
+    assert_eq!(
+        scalar_i64(
+            &store,
+            "SELECT COUNT(DISTINCT rank) FROM tm_job_trials WHERE rank BETWEEN 1 AND 1100"
+        )
+        .await,
+        1_100
+    );
+    // Rank follows the API's order across statement chunks: study i is NCT…{i:03}.
+    let last = match &store {
+        Store::Sqlite(pool) => {
+            sqlx::query_scalar::<_, String>("SELECT nct_id FROM tm_job_trials WHERE rank = 1100")
+                .fetch_one(pool)
+                .await
+        }
+        Store::Postgres(pool) => {
+            sqlx::query_scalar::<_, String>("SELECT nct_id FROM tm_job_trials WHERE rank = 1100")
+                .fetch_one(pool)
+                .await
+        }
+    }
+    .unwrap();
+    let expected =
+        studies_for("BRAF V600E", 1_100)[1_099]["protocolSection"]["identificationModule"]["nctId"]
+            .clone();
+    assert_eq!(serde_json::Value::String(last), expected);
 }
 
 async fn a_malformed_body_fails_the_job_at_once_with_the_reason_stored(db: TestDb) {
