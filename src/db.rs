@@ -344,6 +344,30 @@ impl Store {
     /// again when the worker that held it stopped sending heartbeats.
     pub async fn claim(&self, task: &MutationTask, worker: &str) -> Result<Claim, DbError> {
         let now = Utc::now();
+        // The common case is one statement (SQLite serialises writers: round trips are the cost).
+        type Claimed = (String, i64, i64, Option<DateTime<Utc>>);
+        let claimed: Option<Claimed> = with_pool!(self, pool => sqlx::query_as(
+            "UPDATE tm_jobs SET state = 'running', attempts = attempts + 1, started_at = $3, worker = $4,
+                    next_attempt_at = NULL
+             WHERE id = $1 AND delivery = $2 AND state IN ('queued', 'retrying', 'running')
+               AND attempts < max_attempts
+             RETURNING mutation, attempts, max_attempts, deferred_since",
+        )
+        .bind(&task.job_id)
+        .bind(task.delivery)
+        .bind(now)
+        .bind(worker)
+        .fetch_optional(pool)
+        .await?);
+        if let Some((mutation, attempt, max_attempts, deferred_since)) = claimed {
+            return Ok(Claim::Run {
+                mutation,
+                attempt,
+                max_attempts,
+                deferred_since,
+            });
+        }
+        // Outdated delivery, finished job, or every attempt used up by runs that never ended.
         write_tx!(self, tx => {
             type Row = (String, String, i64, i64, i64, Option<DateTime<Utc>>);
             let row: Option<Row> = sqlx::query_as(

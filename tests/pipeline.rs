@@ -30,6 +30,7 @@ on_both_backends!(
     a_named_batch_is_enqueued_once,
     a_batch_is_enqueued_whole_or_not_at_all,
     more_trials_than_one_statement_holds_are_stored_in_rank_order,
+    a_job_whose_worker_dies_on_every_attempt_ends_dead,
 );
 
 fn batch(mutations: &[&str]) -> NewBatch {
@@ -449,6 +450,44 @@ async fn a_job_whose_worker_died_mid_run_is_run_again(db: TestDb) {
         .await
         .unwrap()[0];
     assert_eq!((row.state.as_str(), row.attempts), ("succeeded", 2));
+}
+
+async fn a_job_whose_worker_dies_on_every_attempt_ends_dead(db: TestDb) {
+    let store = connect(&db).await;
+    let job_id = enqueue_one(&store).await;
+    let task = MutationTask {
+        job_id,
+        delivery: 1,
+    };
+    // Three workers in turn claim the same delivery (apalis re-hands it after each one dies).
+    for attempt in 1..=3 {
+        let claim = store.claim(&task, "doomed").await.unwrap();
+        assert!(
+            matches!(claim, trialmatch::db::Claim::Run { attempt: a, .. } if a == attempt),
+            "{claim:?}"
+        );
+    }
+    assert_eq!(
+        store.claim(&task, "doomed").await.unwrap(),
+        trialmatch::db::Claim::Exhausted
+    );
+    let row = &store
+        .batch_jobs(&store.latest_batch_id().await.unwrap().unwrap())
+        .await
+        .unwrap()[0];
+    assert_eq!((row.state.as_str(), row.attempts), ("dead", 3));
+    assert!(
+        row.last_error
+            .as_deref()
+            .unwrap()
+            .contains("stopped during each of its 3 attempts"),
+        "{row:?}"
+    );
+    assert_eq!(
+        store.claim(&task, "late").await.unwrap(),
+        trialmatch::db::Claim::Stale,
+        "a dead job never runs again"
+    );
 }
 
 async fn a_batch_is_enqueued_whole_or_not_at_all(db: TestDb) {
