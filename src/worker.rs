@@ -468,7 +468,7 @@ where
                 .queue(QUEUE_NAME)
                 .heartbeat_interval(app.heartbeat)
                 .missed_heartbeats(MISSED_HEARTBEATS)
-                .batch_size(app.concurrency.clamp(1, 100));
+                .batch_size(fetch_batch_size(app.concurrency));
             let backend = apalis_sqlite::SqliteStorage::<MutationTask>::new(&pool)
                 .with_config(config)
                 .poll_with_interval(app.poll_interval);
@@ -485,7 +485,7 @@ where
                 .queue(QUEUE_NAME)
                 .heartbeat_interval(app.heartbeat)
                 .missed_heartbeats(MISSED_HEARTBEATS)
-                .batch_size(app.concurrency.clamp(1, 100));
+                .batch_size(fetch_batch_size(app.concurrency));
             let backend = apalis_postgres::PostgresStorage::<MutationTask>::new(&pool)
                 .with_config(config)
                 .poll_with_interval(app.poll_interval);
@@ -501,6 +501,14 @@ where
     sweeper.abort();
     app.store.sweep_queue().await?;
     result.map_err(|e| WorkerError::Queue(e.to_string()))
+}
+
+/// Deliveries fetched per poll: twice the concurrency, so a freed slot starts the next job at once
+/// instead of at the next poll (fetching exactly `concurrency` made jobs run in waves: 0.61 of the
+/// C/L limit at C = 64 against 0.75 with this, N = 500, L = 100 ms). Fetched-but-unstarted
+/// deliveries go back to the queue on shutdown, or after a crash once the heartbeat is missed.
+fn fetch_batch_size(concurrency: usize) -> usize {
+    (2 * concurrency).clamp(1, 200)
 }
 
 async fn sweep_periodically(store: Store) {
