@@ -310,30 +310,15 @@ impl AnthropicSummarizer {
                 content: &prompt.text,
             }],
         };
-        let response = self
+        let request = self
             .http
             .post(self.messages_url())
             .header("x-api-key", expose(&self.api_key))
             .header("anthropic-version", ANTHROPIC_VERSION)
-            .json(&request)
-            .send()
-            .await
-            .map_err(|e| UpstreamError::from_transport(SERVICE, &e))?;
-        let status = response.status().as_u16();
-        let retry_after =
-            http::retry_after_header(response.headers(), self.settings.max_retry_after);
-        let body = response
-            .text()
-            .await
-            .map_err(|e| UpstreamError::from_transport(SERVICE, &e))?;
-        if !(200..300).contains(&status) {
-            return Err(UpstreamError::from_status(
-                SERVICE,
-                status,
-                &body,
-                retry_after,
-            ));
-        }
+            .json(&request);
+        let response = http::send_and_read(SERVICE, request, self.settings.max_retry_after).await?;
+        response.check_status(SERVICE)?;
+        let body = response.body;
         let parsed: MessagesResponse = serde_json::from_str(&body).map_err(|e| {
             UpstreamError::permanent(
                 SERVICE,

@@ -366,36 +366,21 @@ impl CtgovClient {
         record: &mut Vec<RawPage>,
     ) -> Result<Page, UpstreamError> {
         let request_url = url.to_string();
-        let response = self
+        let request = self
             .http
             .get(url)
-            .header(reqwest::header::ACCEPT, "application/json")
-            .send()
-            .await
-            .map_err(|e| UpstreamError::from_transport(SERVICE, &e))?;
-        let status = response.status().as_u16();
-        let retry_after =
-            http::retry_after_header(response.headers(), self.settings.max_retry_after);
-        let body = response
-            .text()
-            .await
-            .map_err(|e| UpstreamError::from_transport(SERVICE, &e))?;
+            .header(reqwest::header::ACCEPT, "application/json");
+        let response = http::send_and_read(SERVICE, request, self.settings.max_retry_after).await?;
+        let checked = response.check_status(SERVICE);
         record.push(RawPage {
             page_number,
             request_url,
-            http_status: status,
-            body,
+            http_status: response.status,
+            body: response.body,
             fetched_at: Utc::now(),
         });
+        checked?;
         let body = &record.last().expect("just pushed").body;
-        if !(200..300).contains(&status) {
-            return Err(UpstreamError::from_status(
-                SERVICE,
-                status,
-                body,
-                retry_after,
-            ));
-        }
         parse_page(body)
             .map_err(|e| UpstreamError::permanent(SERVICE, format!("page {page_number}: {e}")))
     }

@@ -196,6 +196,55 @@ pub fn retry_after_header(headers: &reqwest::header::HeaderMap, max: Duration) -
         .map(|d| d.min(max))
 }
 
+/// A response read whole.
+#[derive(Debug, Clone)]
+pub struct ReadResponse {
+    pub status: u16,
+    /// The server's `Retry-After`, capped.
+    pub retry_after: Option<Duration>,
+    pub body: String,
+}
+
+impl ReadResponse {
+    /// `Err` for any status outside 2xx, classified, with a body excerpt.
+    pub fn check_status(&self, service: &'static str) -> Result<(), UpstreamError> {
+        if (200..300).contains(&self.status) {
+            Ok(())
+        } else {
+            Err(UpstreamError::from_status(
+                service,
+                self.status,
+                &self.body,
+                self.retry_after,
+            ))
+        }
+    }
+}
+
+/// Sends `request` and reads the whole response; transport failures (connect, timeout, a
+/// connection closed mid-body) come back classified as retryable.
+pub async fn send_and_read(
+    service: &'static str,
+    request: reqwest::RequestBuilder,
+    max_retry_after: Duration,
+) -> Result<ReadResponse, UpstreamError> {
+    let response = request
+        .send()
+        .await
+        .map_err(|e| UpstreamError::from_transport(service, &e))?;
+    let status = response.status().as_u16();
+    let retry_after = retry_after_header(response.headers(), max_retry_after);
+    let body = response
+        .text()
+        .await
+        .map_err(|e| UpstreamError::from_transport(service, &e))?;
+    Ok(ReadResponse {
+        status,
+        retry_after,
+        body,
+    })
+}
+
 /// Capped exponential backoff with jitter.
 #[derive(Debug, Clone, Copy)]
 pub struct Backoff {

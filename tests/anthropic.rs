@@ -5,13 +5,12 @@ mod common;
 
 use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
 
 use common::*;
 use serde_json::json;
 use trialmatch::config::{Config, SummarizerKind};
-use trialmatch::db::{JobRow, NewBatch, Store};
-use trialmatch::worker::{self, App};
+use trialmatch::db::{JobRow, Store};
+use trialmatch::worker::Drain;
 use wiremock::{Mock, MockServer, Respond, ResponseTemplate, matchers};
 
 const KEY: &str = "sk-ant-test-0123456789-secret";
@@ -39,28 +38,12 @@ fn claude_config(db: &TestDb, ctgov: &MockServer, claude: &MockServer) -> Config
     config.anthropic.backoff_base_ms = 1;
     config.anthropic.backoff_max_ms = 20;
     config.anthropic.max_request_attempts = 2;
+    config.worker.max_attempts = 2;
     config
 }
 
-async fn run_batch(config: &Config, store: &Store, mutations: &[&str]) -> Vec<JobRow> {
-    let batch = NewBatch {
-        name: None,
-        mutations: mutations.iter().map(|m| m.to_string()).collect(),
-        max_attempts: 2,
-    };
-    let enqueued = store.enqueue_batch(&batch).await.unwrap();
-    let app = Arc::new(App::new(config, store.clone()).unwrap());
-    let stop = worker::until_drained(
-        store.clone(),
-        None,
-        Duration::from_millis(20),
-        worker::Drain::UntilFinished,
-    );
-    tokio::time::timeout(Duration::from_secs(30), worker::run_worker(app, stop))
-        .await
-        .expect("the queue drains")
-        .unwrap();
-    store.batch_jobs(&enqueued.batch_id).await.unwrap()
+async fn run_claude_batch(config: &Config, store: &Store, mutations: &[&str]) -> Vec<JobRow> {
+    run_batch(config, store, mutations, Drain::UntilFinished).await
 }
 
 #[tokio::test]
@@ -98,7 +81,7 @@ async fn a_key_selects_claude_and_the_request_has_the_messages_api_shape() {
         "a key selects Claude"
     );
 
-    let rows = run_batch(&config, &store, &["BRAF V600E"]).await;
+    let rows = run_claude_batch(&config, &store, &["BRAF V600E"]).await;
     assert_eq!(rows[0].state, "succeeded", "{rows:?}");
     assert_eq!(
         rows[0].summary_stop_reason.as_deref(),
@@ -155,9 +138,9 @@ async fn unchanged_trials_make_no_second_call_and_a_changed_status_makes_one() {
 
     let ctgov = fake_ctgov(FakeStudies::new(4)).await;
     let config = claude_config(&db, &ctgov, &claude);
-    run_batch(&config, &store, &mutations).await;
+    run_claude_batch(&config, &store, &mutations).await;
     let first_calls = claude.received_requests().await.unwrap().len();
-    let rows = run_batch(&config, &store, &mutations).await;
+    let rows = run_claude_batch(&config, &store, &mutations).await;
     let second_calls = claude.received_requests().await.unwrap().len() - first_calls;
     assert_eq!(
         (first_calls, second_calls),
@@ -191,7 +174,7 @@ async fn unchanged_trials_make_no_second_call_and_a_changed_status_makes_one() {
     let changed =
         fake_ctgov(FakeStudies::new(4).with_first_status("GENE3 V600E", "TERMINATED")).await;
     let config = claude_config(&db, &changed, &claude);
-    run_batch(&config, &store, &mutations).await;
+    run_claude_batch(&config, &store, &mutations).await;
     assert_eq!(
         claude.received_requests().await.unwrap().len() - first_calls,
         1
@@ -200,7 +183,7 @@ async fn unchanged_trials_make_no_second_call_and_a_changed_status_makes_one() {
     // --force-summarize calls the model for every mutation again.
     let mut forced = config.clone();
     forced.force_summarize = true;
-    run_batch(&forced, &store, &mutations[..2]).await;
+    run_claude_batch(&forced, &store, &mutations[..2]).await;
     assert_eq!(
         claude.received_requests().await.unwrap().len() - first_calls,
         3
@@ -231,7 +214,9 @@ async fn one_job_against_claude(
     let db = sqlite_db();
     let store = connect(&db).await;
     let config = claude_config(&db, &ctgov, &claude);
-    let row = run_batch(&config, &store, &["BRAF V600E"]).await.remove(0);
+    let row = run_claude_batch(&config, &store, &["BRAF V600E"])
+        .await
+        .remove(0);
     let calls = claude.received_requests().await.unwrap().len();
     (db, store, row, calls)
 }

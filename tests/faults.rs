@@ -3,37 +3,13 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use trialmatch::config::Config;
-use trialmatch::db::{JobRow, NewBatch, Store};
-use trialmatch::worker::{self, App, Drain};
+use trialmatch::db::Store;
+use trialmatch::worker::Drain;
 use wiremock::{Mock, MockServer, ResponseTemplate, matchers};
-
-/// Runs a batch to its end (or until only deferred jobs are left) and returns its rows.
-async fn run_batch(
-    config: &Config,
-    store: &Store,
-    mutations: &[&str],
-    drain: Drain,
-) -> Vec<JobRow> {
-    let batch = NewBatch {
-        name: None,
-        mutations: mutations.iter().map(|m| m.to_string()).collect(),
-        max_attempts: config.worker.max_attempts,
-    };
-    let enqueued = store.enqueue_batch(&batch).await.unwrap();
-    let app = Arc::new(App::new(config, store.clone()).unwrap());
-    let stop = worker::until_drained(store.clone(), None, Duration::from_millis(20), drain);
-    tokio::time::timeout(Duration::from_secs(30), worker::run_worker(app, stop))
-        .await
-        .expect("the batch ends")
-        .unwrap();
-    store.batch_jobs(&enqueued.batch_id).await.unwrap()
-}
 
 /// An upstream answering `first` for the first `times` requests, then real studies.
 async fn flaky_upstream(first: ResponseTemplate, times: u64) -> MockServer {

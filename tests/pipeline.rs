@@ -5,7 +5,6 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use common::*;
 use futures::future::BoxFuture;
@@ -41,18 +40,9 @@ fn batch(mutations: &[&str]) -> NewBatch {
     }
 }
 
-/// Works until no job is left, failing the test if that takes unreasonably long.
+/// Works until no job is left.
 async fn drain(app: Arc<App>) {
-    let stop = worker::until_drained(
-        app.store.clone(),
-        None,
-        Duration::from_millis(20),
-        worker::Drain::UntilFinished,
-    );
-    tokio::time::timeout(Duration::from_secs(30), worker::run_worker(app, stop))
-        .await
-        .expect("the queue drains")
-        .expect("the worker runs");
+    drain_with(app, worker::Drain::UntilFinished).await;
 }
 
 /// Enqueues one job ("BRAF V600E") and returns its id.

@@ -282,3 +282,40 @@ pub fn worker_process(db_url: &str, ctgov_uri: &str, args: &[&str]) -> tokio::pr
         .kill_on_drop(true);
     cmd
 }
+
+/// Runs a worker until the queue drains (or, with `Drain::UntilOnlyDeferredLeft`, until only
+/// deferred jobs are left), failing the test if that takes unreasonably long.
+pub async fn drain_with(
+    app: std::sync::Arc<trialmatch::worker::App>,
+    drain: trialmatch::worker::Drain,
+) {
+    use trialmatch::worker;
+    let poll = std::time::Duration::from_millis(20);
+    let stop = worker::until_drained(app.store.clone(), None, poll, drain);
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        worker::run_worker(app, stop),
+    )
+    .await
+    .expect("the queue drains")
+    .expect("the worker runs");
+}
+
+/// Enqueues `mutations` as one batch (`config.worker.max_attempts` each), works until it is done
+/// as `drain` says, and returns the batch's rows.
+pub async fn run_batch(
+    config: &Config,
+    store: &Store,
+    mutations: &[&str],
+    drain: trialmatch::worker::Drain,
+) -> Vec<trialmatch::db::JobRow> {
+    let batch = trialmatch::db::NewBatch {
+        name: None,
+        mutations: mutations.iter().map(|m| m.to_string()).collect(),
+        max_attempts: config.worker.max_attempts,
+    };
+    let enqueued = store.enqueue_batch(&batch).await.unwrap();
+    let app = trialmatch::worker::App::new(config, store.clone()).unwrap();
+    drain_with(std::sync::Arc::new(app), drain).await;
+    store.batch_jobs(&enqueued.batch_id).await.unwrap()
+}
